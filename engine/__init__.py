@@ -1,0 +1,1 @@
+"""kvfuse: a KV-cache service and RAG cache layer for LLM inference."""
