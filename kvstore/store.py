@@ -1,0 +1,429 @@
+"""TieredStore: places entries across tiers (fastest first), demotes on eviction, promotes on a hit.
+
+Rules:
+- a put lands in the fastest tier with room; making room evicts that tier's least recently used unpinned
+  entries, and each eviction demotes to the next tier (unless a lower tier already holds the key); the
+  last tier drops;
+- a hit in a lower tier is copied up to the top tier (the lower copy stays, so a later eviction is free);
+- `lookup` / `contains` never move data and never change LRU order;
+- pinned entries are never evicted; a put that finds every tier full of pinned entries is a ValueError;
+- slow tiers (disk, Redis) are written by a worker thread when `write_behind` (see StoreConfig);
+- a tier that fails (Redis down) is skipped for `redis_retry_s` and reported in `health()`/`stats()`;
+  the store goes on with the others.
+
+Locking: one lock per tier, always taken top-down (a placement in tier i may cascade into i+1), so
+cascades cannot deadlock. Tier I/O for a hit happens outside the store's locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+
+from kvstore.config import StoreConfig
+from kvstore.format import Entry
+from kvstore.tiers.base import Tier, TierFull, TierUnavailable
+from kvstore.tiers.device import DeviceTier
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.host import HostTier
+from kvstore.tiers.redis_tier import RedisTier
+
+_COUNTERS = ("hits", "misses", "puts", "evictions", "demotions", "promotions", "dropped", "faults")
+_STOP = object()
+
+
+def build_tiers(config: StoreConfig) -> list[Tier]:
+    """The tiers a config asks for, fastest first."""
+    tiers: list[Tier] = []
+    if config.device_bytes:
+        tiers.append(DeviceTier(config.device_bytes, config.device))
+    if config.host_bytes:
+        tiers.append(HostTier(config.host_bytes))
+    if config.disk_path:
+        tiers.append(DiskTier(config.disk_path, config.disk_bytes, config.disk_fsync))
+    if config.redis_url:
+        tiers.append(
+            RedisTier(
+                config.redis_url,
+                config.redis_bytes,
+                config.redis_prefix,
+                config.redis_ttl_s,
+                config.redis_timeout_s,
+            )
+        )
+    return tiers
+
+
+class TieredStore:
+    """Entries by key across the configured tiers. Thread-safe.
+
+    Use `TieredStore(StoreConfig(...))`, or pass `tiers=` to assemble tiers by hand (tests, tools).
+    """
+
+    def __init__(self, config: StoreConfig | None = None, tiers: list[Tier] | None = None) -> None:
+        self.config = config or StoreConfig()
+        self.tiers = tiers if tiers is not None else build_tiers(self.config)
+        if not self.tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        self._locks = [threading.RLock() for _ in self.tiers]
+        self._counts = {t.name: dict.fromkeys(_COUNTERS, 0) for t in self.tiers}
+        self._count_lock = threading.Lock()
+        self._pinned: set[str] = set()
+        self._down: dict[str, tuple[float, str]] = {}  # tier name -> (retry at, last error)
+        self._pending: dict[str, Entry] = {}  # queued for a slow tier, still readable
+        self._pending_lock = threading.Lock()
+        self._sync_writes = 0  # writes the caller did itself because the queue was full
+        self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
+        self._worker: threading.Thread | None = None
+        if self.config.write_behind and any(t.slow for t in self.tiers):
+            self._worker = threading.Thread(target=self._drain, name="kvstore-write-behind", daemon=True)
+            self._worker.start()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def contains(self, key: str) -> bool:
+        """Whether any tier (or the write-behind queue) holds `key`; moves nothing."""
+        return self.lookup([key]) == 1
+
+    def lookup(self, keys: list[str]) -> int:
+        """How many of `keys`, from the first, are held somewhere (the longest cached prefix, in chunks).
+
+        Never moves data or changes LRU order. Each tier is asked once for all still-missing keys (one
+        round trip for Redis). Queued writes are checked just above the slow tiers, in the same order an
+        entry moves down, so a concurrent demotion cannot make a held key look absent.
+        """
+        found = [False] * len(keys)
+        for tier in self.tiers:
+            if tier.slow:
+                self._mark_pending(keys, found)
+            todo = [i for i, hit in enumerate(found) if not hit]
+            if not todo:
+                break
+            hits = self._call(tier, tier.contains_many, [keys[i] for i in todo], default=[False] * len(todo))
+            for i, hit in zip(todo, hits, strict=True):
+                found[i] = hit
+        return next((i for i, hit in enumerate(found) if not hit), len(keys))
+
+    def _mark_pending(self, keys: list[str], found: list[bool]) -> None:
+        with self._pending_lock:
+            if self._pending:
+                for i, key in enumerate(keys):
+                    found[i] = found[i] or key in self._pending
+
+    def get(self, key: str, copy: bool = True) -> Entry | None:
+        """The entry (promoted to the top tier if it came from a lower one), or None.
+
+        With `copy` (the default) the caller owns the returned tensors. `copy=False` may return the
+        stored tensors themselves: read them, never write them.
+        """
+        for j, tier in enumerate(self.tiers):
+            if tier.slow:
+                with self._pending_lock:
+                    entry = self._pending.get(key)
+                if entry is not None:
+                    return self._copy(entry) if copy else entry
+            entry = self._call(tier, tier.get, key, default=None)
+            if entry is None:
+                self._count(tier, "misses")
+                continue
+            self._count(tier, "hits")
+            if j > 0:
+                self._promote(j, entry)
+            return self._copy(entry) if copy else entry
+        return None
+
+    def _promote(self, j: int, entry: Entry) -> None:
+        """Copy a lower-tier hit into a faster tier (never back into tier j itself)."""
+        top = self.tiers[0]
+        stored = entry.to(getattr(top, "device", torch.device("cpu")), copy=not self.tiers[j].slow)
+        if self._place(0, stored, stop=j):
+            self._count(self.tiers[j], "promotions")
+
+    @staticmethod
+    def _copy(entry: Entry) -> Entry:
+        return entry.to(torch.device("cpu"), copy=True)
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def put(self, entry: Entry, pin: bool = False, copy: bool = True) -> None:
+        """Store `entry` (a private copy of its tensors unless `copy=False`), optionally pinned.
+
+        ValueError (and nothing evicted or lost) if no tier has room because everything is pinned or the
+        entry is larger than every tier.
+        """
+        if not isinstance(entry, Entry):
+            raise TypeError(f"put takes an Entry, got {type(entry).__name__}")
+        top = self.tiers[0]
+        if copy:
+            entry = entry.to(getattr(top, "device", torch.device("cpu")), copy=True)
+        if pin:
+            with self._locks[0]:
+                self._pinned.add(entry.key)
+        try:
+            placed = self._place(0, entry)
+        except BaseException:
+            self._pinned.discard(entry.key)
+            raise
+        if not placed:
+            self._pinned.discard(entry.key)
+            raise ValueError(
+                f"no tier has room for entry {entry.key} ({entry.nbytes} bytes): every tier is full of "
+                f"pinned entries or smaller than the entry; usage: {self._usage_summary()}"
+            )
+        self._count(self.tiers[0], "puts")
+        if self.config.write_through:
+            self._write_through(entry)
+
+    def _write_through(self, entry: Entry) -> None:
+        for j, tier in enumerate(self.tiers):
+            if tier.slow and not self._call(tier, tier.contains, entry.key, default=True):
+                self._place(j, entry, only=True)
+
+    def _place(self, i: int, entry: Entry, stop: int | None = None, only: bool = False) -> bool:
+        """Put `entry` in the fastest tier from `i` with room (slow tiers via the queue); False if none.
+
+        `stop`: do not go below this tier (a promotion never demotes its own source).
+        `only`: tier `i` or nothing.
+        """
+        last = i + 1 if only else (stop if stop is not None else len(self.tiers))
+        for j in range(i, last):
+            tier = self.tiers[j]
+            if not self._usable(tier):
+                continue
+            if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
+                return self._enqueue(j, entry)  # the worker tries tier j, then the ones below it
+            if self._place_here(j, entry):
+                return True
+        return False
+
+    def _place_here(self, j: int, entry: Entry) -> bool:
+        tier = self.tiers[j]
+        try:
+            need = tier.entry_size(entry)
+            with self._locks[j]:
+                if not self._make_room(j, need, keep=entry.key):
+                    return False
+                tier.put(entry)
+            return True
+        except TierUnavailable as e:
+            self._fault(tier, e)
+            return False
+        except TierFull:  # another process filled a shared tier between our eviction and our put
+            return False
+
+    def _make_room(self, j: int, need: int, keep: str) -> bool:
+        """Evict LRU unpinned entries of tier j until `need` bytes are free; False (nothing evicted) if
+        that is impossible."""
+        tier = self.tiers[j]
+        if need > tier.capacity_bytes:
+            return False
+        free = tier.free_bytes() + (tier.size_of(keep) or 0)
+        if free >= need:
+            return True
+        victims = []
+        for key in tier.lru_keys():
+            if key in self._pinned or key == keep:
+                continue
+            victims.append(key)
+            free += tier.size_of(key) or 0
+            if free >= need:
+                break
+        if free < need:
+            return False
+        for key in victims:
+            self._evict(j, key)
+        return True
+
+    def _evict(self, j: int, key: str) -> None:
+        """Remove `key` from tier j, demoting it first unless a lower tier already holds it."""
+        tier = self.tiers[j]
+        self._count(tier, "evictions")
+        lower = range(j + 1, len(self.tiers))
+        held = any(self._call(self.tiers[k], self.tiers[k].contains, key, default=False) for k in lower)
+        if not held and j + 1 < len(self.tiers):
+            entry = tier.peek(key) if isinstance(tier, HostTier) else tier.get(key)
+            if entry is not None and self._place(j + 1, entry):
+                self._count(tier, "demotions")
+            elif entry is not None:
+                self._count(tier, "dropped")
+        elif not held:
+            self._count(tier, "dropped")
+        tier.remove(key)
+
+    # ---- write-behind ----------------------------------------------------------------------------
+
+    def _enqueue(self, j: int, entry: Entry) -> bool:
+        """Queue a slow write; False when the queue is full (the caller then writes it itself)."""
+        with self._pending_lock:
+            self._pending[entry.key] = entry
+        try:
+            self._queue.put_nowait((j, entry))
+            return True
+        except queue.Full:
+            self._sync_writes += 1
+            placed = self._place_sync(j, entry)
+            self._unpend(entry)
+            return placed
+
+    def _place_sync(self, j: int, entry: Entry) -> bool:
+        return any(
+            self._usable(self.tiers[k]) and self._place_here(k, entry) for k in range(j, len(self.tiers))
+        )
+
+    def _unpend(self, entry: Entry) -> None:
+        with self._pending_lock:
+            if self._pending.get(entry.key) is entry:
+                del self._pending[entry.key]
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                j, entry = item
+                if not self._place(j, entry):
+                    self._count(self.tiers[j], "dropped")
+                self._unpend(entry)
+            except Exception as e:  # the worker must outlive any one bad write
+                self._fault(self.tiers[item[0]], e)
+                self._unpend(item[1])
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued slow write is done."""
+        if self._worker is not None:
+            self._queue.join()
+
+    # ---- management ------------------------------------------------------------------------------
+
+    def pin(self, key: str) -> None:
+        """Never evict `key` (from whichever tier holds it); KeyError if it is not stored."""
+        if not self.contains(key):
+            raise KeyError(f"cannot pin {key!r}: not in the store")
+        self._pinned.add(key)
+
+    def unpin(self, key: str) -> None:
+        self._pinned.discard(key)
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self._pinned
+
+    def remove(self, key: str) -> bool:
+        """Forget `key` everywhere; True if any tier held it."""
+        self._pinned.discard(key)
+        with self._pending_lock:
+            removed = self._pending.pop(key, None) is not None
+        for j, tier in enumerate(self.tiers):
+            with self._locks[j]:
+                removed = bool(self._call(tier, tier.remove, key, default=0)) or removed
+        return removed
+
+    def keys(self) -> list[str]:
+        """Every stored key once (top tier first, LRU order within a tier)."""
+        seen: dict[str, None] = {}
+        for tier in self.tiers:
+            seen.update(dict.fromkeys(self._call(tier, tier.keys, default=[])))
+        with self._pending_lock:
+            seen.update(dict.fromkeys(self._pending))
+        return list(seen)
+
+    def clear(self) -> None:
+        """Forget everything (pins too)."""
+        self.flush()
+        self._pinned.clear()
+        for j, tier in enumerate(self.tiers):
+            with self._locks[j]:
+                self._call(tier, tier.clear, default=None)
+
+    def close(self) -> None:
+        """Finish queued writes, stop the worker, close the tiers."""
+        if self._worker is not None:
+            self.flush()
+            self._queue.put(_STOP)
+            self._worker.join()
+            self._worker = None
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- health and stats ------------------------------------------------------------------------
+
+    def _call(self, tier: Tier, fn: Any, *args: Any, default: Any) -> Any:
+        """Run a tier call; a tier that is down gives `default` and is skipped until its retry time."""
+        if not self._usable(tier):
+            return default
+        try:
+            result = fn(*args)
+        except TierUnavailable as e:
+            self._fault(tier, e)
+            return default
+        self._down.pop(tier.name, None)
+        return result
+
+    def _usable(self, tier: Tier) -> bool:
+        down = self._down.get(tier.name)
+        return down is None or time.monotonic() >= down[0]
+
+    def _fault(self, tier: Tier, error: BaseException) -> None:
+        self._count(tier, "faults")
+        self._down[tier.name] = (time.monotonic() + self.config.redis_retry_s, str(error))
+
+    def _count(self, tier: Tier, name: str) -> None:
+        with self._count_lock:
+            self._counts[tier.name][name] += 1
+
+    def _usage_summary(self) -> str:
+        parts = []
+        for tier in self.tiers:
+            u = self._call(tier, tier.usage, default=None)
+            parts.append(f"{tier.name}: " + ("down" if u is None else f"{u.bytes}/{u.capacity_bytes} bytes"))
+        return ", ".join(parts) + f"; pinned: {len(self._pinned)}"
+
+    def health(self) -> dict[str, Any]:
+        """{"ok": every tier reachable, "tiers": {name: {"ok", "error"}}}; pings a tier that was down."""
+        tiers = {}
+        for tier in self.tiers:
+            if tier.name in self._down and isinstance(tier, RedisTier):
+                with contextlib.suppress(TierUnavailable):
+                    tier.ping()
+                    self._down.pop(tier.name, None)
+            down = self._down.get(tier.name)
+            tiers[tier.name] = {"ok": down is None, "error": None if down is None else down[1]}
+        return {"ok": all(t["ok"] for t in tiers.values()), "tiers": tiers}
+
+    def stats(self) -> dict[str, Any]:
+        """Per tier: entries, bytes, capacity_bytes, the counters, ok/error; plus queue and pins."""
+        out: dict[str, Any] = {"tiers": {}}
+        for tier in self.tiers:
+            u = self._call(tier, tier.usage, default=None)
+            with self._count_lock:
+                row: dict[str, Any] = dict(self._counts[tier.name])
+            row.update(
+                entries=None if u is None else u.entries,
+                bytes=None if u is None else u.bytes,
+                capacity_bytes=tier.capacity_bytes,
+                corrupt=getattr(tier, "corrupt", 0),
+                ok=tier.name not in self._down,
+                error=self._down.get(tier.name, (0, None))[1],
+            )
+            out["tiers"][tier.name] = row
+        with self._pending_lock:
+            out["pending_writes"] = len(self._pending)
+        out["sync_writes"] = self._sync_writes
+        out["pinned"] = len(self._pinned)
+        return out

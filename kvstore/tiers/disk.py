@@ -1,0 +1,162 @@
+"""Local disk tier: one file per entry, atomic write-and-rename, checksum verified on every read.
+
+Files live at `<root>/<key[:2]>/<key>.kvf`. At start the index is rebuilt from the folder (LRU order from
+modification times, which a hit refreshes), so a restart keeps every entry. A torn, truncated or corrupted
+file fails its checksum on read: it is reported as a miss and deleted, never returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from kvstore.format import CorruptEntry, Entry, decode, encode, encoded_nbytes
+from kvstore.tiers.base import LruIndex, Tier, TierUsage
+
+SUFFIX = ".kvf"
+TMP_PREFIX = ".tmp-"
+
+
+class DiskTier(Tier):
+    """Entries as files under `root`, at most `capacity_bytes` of them (file sizes)."""
+
+    name = "disk"
+    slow = True
+
+    def __init__(self, root: str | os.PathLike, capacity_bytes: int, fsync: bool = False) -> None:
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        self.fsync = fsync  # survive power loss, not just a process restart; costs a flush per put
+        self._index = LruIndex(capacity_bytes)
+        self.corrupt = 0  # files found torn or corrupt (and deleted) since start
+        self._rebuild()
+
+    def path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid key for the disk tier: {key!r}")
+        return self.root / key[:2] / (key + SUFFIX)
+
+    def _rebuild(self) -> None:
+        found = []
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in os.scandir(sub):
+                if f.name.startswith(TMP_PREFIX):  # left by a crash mid-write
+                    with contextlib.suppress(OSError):
+                        os.unlink(f.path)
+                elif f.name.endswith(SUFFIX):
+                    st = f.stat()
+                    found.append((st.st_mtime_ns, f.name[: -len(SUFFIX)], st.st_size))
+        found.sort()
+        self._index.load((key, None, size) for _, key, size in found)
+        while self._index.bytes > self.capacity_bytes:  # capacity was lowered since the last run
+            self.remove(self._index.keys()[0])
+
+    def contains(self, key: str) -> bool:
+        return key in self._index
+
+    def entry_size(self, entry: Entry) -> int:
+        return encoded_nbytes(entry)
+
+    def put(self, entry: Entry) -> None:
+        final = self.path(entry.key)
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.parent / f"{TMP_PREFIX}{entry.key}-{uuid.uuid4().hex}"
+        size = self._write(tmp, encode(entry))
+        try:
+            with self._index.lock:
+                self._index.add(entry.key, None, size)  # TierFull leaves the index untouched
+                os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _write(self, tmp: Path, parts: list) -> int:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            size = 0
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    n = os.write(fd, view)
+                    size += n
+                    view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+            return size
+        finally:
+            os.close(fd)
+
+    def get(self, key: str) -> Entry | None:
+        if key not in self._index:
+            return None
+        try:
+            buf, ino = self._read(self.path(key))
+        except FileNotFoundError:  # removed concurrently or by hand
+            self._forget(key, None)
+            return None
+        try:
+            entry = decode(buf.numpy(), expect_key=key)
+        except CorruptEntry:
+            self.corrupt += 1
+            self._forget(key, ino)
+            return None
+        self._touch(key)
+        return entry
+
+    def _read(self, path: Path) -> tuple[torch.Tensor, int]:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            buf = torch.empty(st.st_size, dtype=torch.uint8)  # uninitialized: no memset before the read
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < st.st_size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            return buf[:got], st.st_ino
+
+    def _touch(self, key: str) -> None:
+        """Most recently used, in memory and on disk (mtime), so the order survives a restart."""
+        self._index.get(key)
+        with contextlib.suppress(OSError):
+            os.utime(self.path(key))
+
+    def _forget(self, key: str, ino: int | None) -> None:
+        """Drop a missing or corrupt file, unless it was replaced by a fresh put meanwhile."""
+        with self._index.lock:
+            path = self.path(key)
+            try:
+                if ino is None or os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            if not path.exists():
+                self._index.pop(key)
+
+    def remove(self, key: str) -> int:
+        with self._index.lock:
+            item = self._index.pop(key)
+            if item is None:
+                return 0
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(key))
+            return item[1]
+
+    def keys(self) -> list[str]:
+        return self._index.keys()
+
+    def size_of(self, key: str) -> int | None:
+        return self._index.size_of(key)
+
+    def usage(self) -> TierUsage:
+        with self._index.lock:
+            return TierUsage(len(self._index), self._index.bytes, self.capacity_bytes)
