@@ -1,0 +1,96 @@
+"""Per-layer K/V the engine attends over: post-RoPE `[batch, kv_heads, tokens, head_dim]` plus positions.
+
+The store keeps one chunk as `[layers, 2, tokens, kv_heads, head_dim]`; `to_chunk`/`from_chunk` convert.
+A layer may be replaced by another `LayerKV` subclass (compressed, retrieved) that keeps its own state;
+the engine only calls `update`, and the layer's attention function knows how to read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerKV:
+    """Dense keys and values of one layer; `update` appends new rows and returns the full context."""
+
+    k: torch.Tensor  # [batch, kv_heads, tokens, head_dim]
+    v: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[-2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = torch.cat([self.k, k], dim=-2) if self.length else k
+        self.v = torch.cat([self.v, v], dim=-2) if self.length else v
+        return self.k, self.v
+
+    def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def nbytes(self) -> int:
+        return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
+
+
+class KVCache:
+    """One `LayerKV` per layer and the positions of the cached tokens (shared by all layers)."""
+
+    def __init__(self, layers: Sequence[LayerKV], positions: torch.Tensor) -> None:
+        self.layers = list(layers)
+        self.positions = positions.to(torch.long)
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype, device) -> KVCache:
+        blank = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        layers = [LayerKV(blank, blank) for _ in range(num_layers)]
+        return cls(layers, torch.empty(0, dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def next_position(self) -> int:
+        """Where a continuation starts: one past the largest cached position (APE reuses positions)."""
+        return int(self.positions.max()) + 1 if len(self) else 0
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def append_positions(self, positions: torch.Tensor) -> None:
+        self.positions = torch.cat([self.positions, positions.to(self.positions.device, torch.long)])
+
+    def to_chunk(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Tokens [start, end) as one store chunk `[layers, 2, tokens, kv_heads, head_dim]` (batch 1)."""
+        if self.layers[0].k.shape[0] != 1:
+            raise ValueError(f"to_chunk needs batch 1, got batch {self.layers[0].k.shape[0]}")
+        rows = [torch.stack([lay.k[0, :, start:end], lay.v[0, :, start:end]]) for lay in self.layers]
+        return torch.stack(rows).transpose(2, 3).contiguous()
+
+    @classmethod
+    def from_chunk(cls, chunk: torch.Tensor, positions: torch.Tensor | None = None) -> KVCache:
+        """A batch-1 cache from `[layers, 2, tokens, kv_heads, head_dim]`; positions default to 0..T-1."""
+        if chunk.dim() != 5 or chunk.shape[1] != 2:
+            raise ValueError(
+                f"chunk must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(chunk.shape)}"
+            )
+        tokens = chunk.shape[2]
+        if positions is None:
+            positions = torch.arange(tokens, device=chunk.device)
+        if positions.numel() != tokens:
+            raise ValueError(f"{positions.numel()} positions for a chunk of {tokens} tokens")
+        kv = chunk.transpose(2, 3).unsqueeze(2)  # [layers, 2, 1, heads, tokens, dim]
+        return cls([LayerKV(layer[0], layer[1]) for layer in kv], positions)
+
+    def truncate(self, tokens: int) -> None:
+        """Keep the first `tokens` cached tokens (dense layers only)."""
+        for layer in self.layers:
+            layer.replace(layer.k[..., :tokens, :], layer.v[..., :tokens, :])
+        self.positions = self.positions[:tokens]
+
+    def clone(self) -> KVCache:
+        layers = [LayerKV(lay.k.clone(), lay.v.clone()) for lay in self.layers]
+        return KVCache(layers, self.positions.clone())
