@@ -59,23 +59,29 @@ class KVConnector:
         keys, n = self._keys(tokens)
         return self._covered(self.kvstore.lookup(keys), n)
 
-    def store(self, tokens: Tokens, kv: torch.Tensor, positions: torch.Tensor | None = None) -> int:
-        """Store the KV of `tokens` (kv covers all of them); chunks already cached are skipped.
+    def store(
+        self, tokens: Tokens, kv: torch.Tensor, positions: torch.Tensor | None = None, start: int = 0
+    ) -> int:
+        """Store the KV of `tokens[start:]` (`kv` covers exactly those); cached chunks are skipped.
 
-        `positions` (int64 `[tokens]`) default to 0..n-1. Returns how many chunks were written. The KV must
-        match the namespace's layout (shape and dtype) and be contiguous: TypeError/ValueError otherwise,
-        and nothing is stored.
+        `start` must be a multiple of the chunk size (the chunks before it are assumed cached or not
+        wanted). `positions` (int64, one per kv token) default to start..n-1. Returns how many chunks were
+        written. The KV must match the namespace's layout (shape and dtype) and be contiguous:
+        TypeError/ValueError otherwise, and nothing is stored.
         """
         keys, n = self._keys(tokens)
-        self.layout.check_kv(kv, tokens=n)
-        positions = self._positions(positions, n, kv.device)
-        bounds = chunk_bounds(n, self.layout.chunk_tokens)[: len(keys)]
-        have = self.kvstore.lookup(keys)
-        for key, (start, end) in list(zip(keys, bounds, strict=True))[have:]:
-            chunk = kv[:, :, start:end].clone(memory_format=torch.contiguous_format)
-            entry = Entry.plain(key, self.layout, chunk, positions[start:end].clone())
-            self.kvstore.put(entry, copy=False)
-        return len(keys) - have
+        chunk = self.layout.chunk_tokens
+        if not isinstance(start, int) or start < 0 or start % chunk or start >= n:
+            raise ValueError(f"start {start!r} must be a multiple of {chunk} in [0, {n})")
+        self.layout.check_kv(kv, tokens=n - start)
+        positions = self._positions(positions, n - start, offset=start)
+        first = max(start // chunk, self.kvstore.lookup(keys))
+        bounds = chunk_bounds(n, chunk)
+        for i in range(first, len(keys)):
+            s, e = bounds[i][0] - start, bounds[i][1] - start
+            part = kv[:, :, s:e].clone(memory_format=torch.contiguous_format)
+            self.kvstore.put(Entry.plain(keys[i], self.layout, part, positions[s:e].clone()), copy=False)
+        return max(len(keys) - first, 0)
 
     def retrieve(self, tokens: Tokens, device: torch.device | str = "cpu") -> RetrievedKV | None:
         """The KV of the longest cached prefix of `tokens` (None if nothing is cached)."""
@@ -101,7 +107,7 @@ class KVConnector:
             raise ValueError("token list is empty")
         self.layout.check_kv(kv, tokens=len(ids))
         key = self.namespace.segment_key(ids)
-        entry = Entry.plain(key, self.layout, kv, self._positions(positions, len(ids), kv.device))
+        entry = Entry.plain(key, self.layout, kv, self._positions(positions, len(ids)))
         self.kvstore.put(entry, pin=pin)
         return key
 
@@ -113,9 +119,9 @@ class KVConnector:
         return self.kvstore.contains(self.namespace.segment_key(tokens))
 
     @staticmethod
-    def _positions(positions: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    def _positions(positions: torch.Tensor | None, n: int, offset: int = 0) -> torch.Tensor:
         if positions is None:
-            return torch.arange(n, dtype=torch.int64)
+            return torch.arange(offset, offset + n, dtype=torch.int64)
         if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
             raise TypeError(f"positions must be an int64 tensor, got {positions!r:.80}")
         if tuple(positions.shape) != (n,):
