@@ -27,6 +27,8 @@ class StoreConfig:
             write itself (back-pressure): nothing is dropped and memory stays bounded.
         write_through: also copy every put to each slow tier in the background, so other processes sharing
             the disk folder or Redis see it at once instead of only after demotion.
+        persist_on_close: `close()` copies entries held only in memory into the first slow tier, so a
+            restart keeps them (as long as that tier has room).
     """
 
     host_bytes: int = 4 * GiB
@@ -44,6 +46,7 @@ class StoreConfig:
     write_behind: bool = True
     write_queue: int = 64
     write_through: bool = False
+    persist_on_close: bool = True
 
     def __post_init__(self) -> None:
         for name in ("host_bytes", "device_bytes", "disk_bytes", "redis_bytes"):

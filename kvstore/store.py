@@ -246,8 +246,7 @@ class TieredStore:
         """Remove `key` from tier j, demoting it first unless a lower tier already holds it."""
         tier = self.tiers[j]
         self._count(tier, "evictions")
-        lower = range(j + 1, len(self.tiers))
-        held = any(self._call(self.tiers[k], self.tiers[k].contains, key, default=False) for k in lower)
+        held = self._held_from(key, j + 1)
         if not held and j + 1 < len(self.tiers):
             entry = tier.peek(key) if isinstance(tier, HostTier) else tier.get(key)
             if entry is not None and self._place(j + 1, entry):
@@ -346,7 +345,9 @@ class TieredStore:
                 self._call(tier, tier.clear, default=None)
 
     def close(self) -> None:
-        """Finish queued writes, stop the worker, close the tiers."""
+        """Persist memory-only entries, finish queued writes, stop the worker, close the tiers."""
+        if self.config.persist_on_close:
+            self._persist()
         if self._worker is not None:
             self.flush()
             self._queue.put(_STOP)
@@ -354,6 +355,21 @@ class TieredStore:
             self._worker = None
         for tier in self.tiers:
             tier.close()
+
+    def _persist(self) -> None:
+        """Copy entries held only in memory tiers into the first slow tier, most recently used last."""
+        slow = next((j for j, t in enumerate(self.tiers) if t.slow), None)
+        if slow is None:
+            return
+        for tier in self.tiers[:slow]:
+            for key in tier.lru_keys():
+                entry = tier.peek(key) if isinstance(tier, HostTier) else None
+                if entry is not None and not self._held_from(key, slow):
+                    self._place(slow, entry)
+
+    def _held_from(self, key: str, start: int) -> bool:
+        """Whether a tier at or below `start` holds `key` (moves nothing)."""
+        return any(self._call(t, t.contains, key, default=False) for t in self.tiers[start:])
 
     def __enter__(self) -> TieredStore:
         return self

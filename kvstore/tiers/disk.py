@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class DiskTier(Tier):
         self.fsync = fsync  # survive power loss, not just a process restart; costs a flush per put
         self._index = LruIndex(capacity_bytes)
         self.corrupt = 0  # files found torn or corrupt (and deleted) since start
+        self._clock = 0  # last mtime given out: strictly increasing, so equal timestamps never tie
         self._rebuild()
 
     def path(self, key: str) -> Path:
@@ -54,6 +56,7 @@ class DiskTier(Tier):
                     st = f.stat()
                     found.append((st.st_mtime_ns, f.name[: -len(SUFFIX)], st.st_size))
         found.sort()
+        self._clock = found[-1][0] if found else 0
         self._index.load((key, None, size) for _, key, size in found)
         while self._index.bytes > self.capacity_bytes:  # capacity was lowered since the last run
             self.remove(self._index.keys()[0])
@@ -73,6 +76,7 @@ class DiskTier(Tier):
             with self._index.lock:
                 self._index.add(entry.key, None, size)  # TierFull leaves the index untouched
                 os.replace(tmp, final)
+                self._stamp(final)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -126,9 +130,15 @@ class DiskTier(Tier):
 
     def _touch(self, key: str) -> None:
         """Most recently used, in memory and on disk (mtime), so the order survives a restart."""
-        self._index.get(key)
-        with contextlib.suppress(OSError):
-            os.utime(self.path(key))
+        with self._index.lock:
+            self._index.get(key)
+            with contextlib.suppress(OSError):
+                self._stamp(self.path(key))
+
+    def _stamp(self, path: Path) -> None:
+        """Set mtime from a strictly increasing clock (file systems round times; LRU needs an order)."""
+        self._clock = max(time.time_ns(), self._clock + 1000)
+        os.utime(path, ns=(self._clock, self._clock))
 
     def _forget(self, key: str, ino: int | None) -> None:
         """Drop a missing or corrupt file, unless it was replaced by a fresh put meanwhile."""

@@ -1,0 +1,48 @@
+"""What a route needs from the running app: its store, its settings, and the API-key check.
+
+Routers of other packages reuse these as FastAPI dependencies:
+
+    router = APIRouter(prefix="/v1/x", dependencies=[Depends(require_api_key)])
+    def route(store: TieredStore = Depends(get_store), settings: ServerSettings = Depends(get_settings))
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request
+
+from kvstore.service.settings import ServerSettings
+from kvstore.store import TieredStore
+
+API_KEY_HEADER = "x-api-key"
+
+
+def get_settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> TieredStore:
+    return request.app.state.store
+
+
+def given_key(request: Request) -> str:
+    """The key a request carries: `X-API-Key: K` or `Authorization: Bearer K`."""
+    key = request.headers.get(API_KEY_HEADER, "")
+    auth = request.headers.get("authorization", "")
+    if not key and auth[:7].lower() == "bearer ":
+        key = auth[7:].strip()
+    return key
+
+
+def require_api_key(request: Request) -> None:
+    """401 unless the request carries the configured API key (no key configured: everyone passes)."""
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    if not hmac.compare_digest(given_key(request).encode(), expected.get_secret_value().encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

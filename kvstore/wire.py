@@ -1,0 +1,132 @@
+"""HTTP data-plane bodies: a small msgpack header followed by raw tensor bytes (no JSON floats, no base64).
+
+Byte layout (integers little-endian):
+
+    b"KVW1" | header_len: u32 | header (msgpack map) | tensor bytes, in the order of header["tensors"]
+
+`header["tensors"]` lists `{name, dtype, shape}`; every other header field belongs to the call. Decoding
+checks the magic, the header, every dtype and shape and that the body holds exactly the bytes they
+describe, before any tensor memory exists; tensors are views of the body (no copy) when it is writable.
+Stored entries travel in their own checksummed format (kvstore.format), not in frames.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from kvstore.keys import token_array
+from kvstore.layout import dtype_from_name, dtype_name
+
+MAGIC = b"KVW1"
+_PREFIX = struct.Struct("<4sI")
+CONTENT_TYPE = "application/x-kvfuse-frame"
+ENTRY_CONTENT_TYPE = "application/x-kvfuse-entry"
+MAX_TENSORS = 16
+MAX_DIMS = 8
+
+Buffers = list[bytes | memoryview]
+
+
+def encode_frame(header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> Buffers:
+    """The frame as buffers to send without joining (tensors are not copied)."""
+    tensors = tensors or {}
+    specs = [{"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in tensors.items()]
+    packed = msgpack.packb({**header, "tensors": specs})
+    return [_PREFIX.pack(MAGIC, len(packed)), packed, *(raw_bytes(t) for t in tensors.values())]
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes without a copy (any dtype, including bfloat16 and float8)."""
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def decode_frame(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(header, tensors) of a frame; ValueError naming what is wrong (truncated, bad dtype, ...)."""
+    view = memoryview(body).cast("B")
+    header, at = _read_header(view)
+    specs = _tensor_specs(header.pop("tensors", []))
+    need = sum(nbytes for _, _, _, nbytes in specs)
+    if at + need != len(view):
+        raise ValueError(f"frame body holds {len(view) - at} tensor bytes, its header describes {need}")
+    tensors = {}
+    for name, dtype, shape, nbytes in specs:
+        tensors[name] = _tensor(view[at : at + nbytes], dtype, shape)
+        at += nbytes
+    return header, tensors
+
+
+def _read_header(view: memoryview) -> tuple[dict[str, Any], int]:
+    if len(view) < _PREFIX.size:
+        raise ValueError(f"frame truncated: {len(view)} bytes, need at least {_PREFIX.size}")
+    magic, header_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ValueError(f"not a kvfuse frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    end = _PREFIX.size + header_len
+    if end > len(view):
+        raise ValueError(f"frame truncated inside its {header_len}-byte header")
+    try:
+        header = msgpack.unpackb(view[_PREFIX.size : end])
+    except Exception as e:
+        raise ValueError(f"frame header is not valid msgpack: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"frame header is a {type(header).__name__}, expected a map")
+    return header, end
+
+
+def _tensor_specs(raw: Any) -> list[tuple[str, torch.dtype, list[int], int]]:
+    if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
+        raise ValueError(f"frame 'tensors' must be a list of at most {MAX_TENSORS} descriptions")
+    specs = []
+    for spec in raw:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError(f"bad tensor description {spec!r:.200}")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+            raise ValueError(f"tensor {spec['name']!r}: shape must be a list of at most {MAX_DIMS} ints")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise ValueError(f"tensor {spec['name']!r}: shape {shape!r} must hold ints >= 0")
+        dtype = dtype_from_name(spec.get("dtype"))
+        count = 1
+        for s in shape:
+            count *= s
+        specs.append((spec["name"], dtype, shape, count * torch.empty((), dtype=dtype).element_size()))
+    return specs
+
+
+def _tensor(raw: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if len(raw) == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only bodies are cloned below before anyone can write
+        t = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+    return t.clone() if raw.readonly else t
+
+
+def token_bytes(tokens: Any) -> bytes:
+    """Token ids as little-endian uint32 bytes (what headers carry)."""
+    return token_array(tokens).tobytes()
+
+
+def tokens_from(raw: Any) -> np.ndarray:
+    """Token ids from header bytes (uint32 array); ValueError when absent or malformed."""
+    if not isinstance(raw, bytes) or not raw or len(raw) % 4:
+        raise ValueError("'tokens' must be non-empty uint32 little-endian bytes")
+    return np.frombuffer(raw, dtype="<u4")
+
+
+def positions_from(raw: Any) -> torch.Tensor | None:
+    """int64 positions from header bytes (or None)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, bytes) or len(raw) % 8:
+        raise ValueError("'positions' must be int64 little-endian bytes")
+    return torch.frombuffer(bytearray(raw), dtype=torch.int64) if raw else torch.empty(0, dtype=torch.int64)

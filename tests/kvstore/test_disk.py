@@ -1,0 +1,108 @@
+"""Disk tier: survives restarts, never returns a torn or corrupt file, cleans up after crashes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from kvstore_helpers import SMOL, tiny_entry
+
+from kvstore import Entry, KVConnector, Namespace, StoreConfig, TieredStore
+from kvstore.tiers import DiskTier
+
+
+def _key(i: int) -> str:
+    return f"{i:032x}"
+
+
+def test_restart_keeps_every_entry_and_the_lru_order(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20)
+    for i in range(6):
+        disk.put(tiny_entry(_key(i), seed=i))
+    disk.get(_key(1))
+    order = disk.keys()
+    assert order[-1] == _key(1)
+    again = DiskTier(tmp_path, 1 << 20)
+    assert again.keys() == order
+    assert again.usage() == disk.usage()
+    for i in range(6):
+        assert torch.equal(again.get(_key(i)).kv, tiny_entry(_key(i), seed=i).kv)
+
+
+def test_restart_of_a_store_keeps_its_prefixes(tmp_path):
+    ns = Namespace("m", SMOL)
+    tokens = list(range(100, 150))
+    kv = torch.randn(SMOL.chunk_shape(50)).half()
+    config = StoreConfig(host_bytes=1 << 20, disk_path=str(tmp_path))
+    with TieredStore(config) as store:
+        KVConnector(store, ns).store(tokens, kv)
+        store.flush()
+        assert KVConnector(store, ns).lookup(tokens) == 50
+    with TieredStore(config) as store:  # a fresh process would see the same folder
+        conn = KVConnector(store, ns)
+        assert conn.lookup(tokens) == 50
+        assert torch.equal(conn.retrieve(tokens).kv, kv)
+
+
+def test_truncated_file_is_a_miss_and_is_removed(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20)
+    disk.put(tiny_entry(_key(1)))
+    path = disk.path(_key(1))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    assert disk.get(_key(1)) is None
+    assert not path.exists() and not disk.contains(_key(1)) and disk.corrupt == 1
+    assert disk.usage().bytes == 0
+
+
+def test_corrupt_file_is_a_miss_and_is_removed(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20)
+    for i in range(3):
+        disk.put(tiny_entry(_key(i), seed=i))
+    path = disk.path(_key(2))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the tensor bytes
+    path.write_bytes(data)
+    restarted = DiskTier(tmp_path, 1 << 20)  # the index does not read files, so it still lists it
+    assert restarted.contains(_key(2))
+    assert restarted.get(_key(2)) is None and not path.exists()
+    assert torch.equal(restarted.get(_key(0)).kv, tiny_entry(_key(0), seed=0).kv)
+
+
+def test_a_file_renamed_to_another_key_is_not_served(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20)
+    disk.put(tiny_entry(_key(1)))
+    os.makedirs(disk.path(_key(2)).parent, exist_ok=True)
+    os.replace(disk.path(_key(1)), disk.path(_key(2)))
+    again = DiskTier(tmp_path, 1 << 20)
+    assert again.get(_key(2)) is None and again.corrupt == 1
+
+
+def test_crash_leftovers_are_cleaned_and_foreign_files_ignored(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20)
+    disk.put(tiny_entry(_key(1)))
+    sub = disk.path(_key(1)).parent
+    (sub / f".tmp-{_key(9)}-abc").write_bytes(b"half a write")
+    (tmp_path / "README.txt").write_text("not an entry")
+    again = DiskTier(tmp_path, 1 << 20)
+    assert again.keys() == [_key(1)]
+    assert not (sub / f".tmp-{_key(9)}-abc").exists() and (tmp_path / "README.txt").exists()
+
+
+def test_lowered_capacity_trims_the_oldest_at_start(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20)
+    for i in range(4):
+        disk.put(tiny_entry(_key(i), seed=i))
+    size = disk.size_of(_key(0))
+    again = DiskTier(tmp_path, 2 * size)
+    assert again.keys() == [_key(2), _key(3)] and again.usage().bytes <= 2 * size
+
+
+def test_bfloat16_and_float32_survive_the_disk(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 22)
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        layout = type(SMOL)(30, 3, 64, dtype, 16)
+        kv = torch.randn(layout.chunk_shape(5)).to(dtype)
+        key = f"{str(dtype)[6:]:0>32}"
+        disk.put(Entry.plain(key, layout, kv))
+        assert torch.equal(DiskTier(tmp_path, 1 << 22).get(key).kv.view(torch.uint8), kv.view(torch.uint8))

@@ -1,0 +1,96 @@
+"""Entry bytes: exact round trips, extensible headers, and corrupt input caught, never returned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvstore_helpers import SMOL
+
+from kvstore import CorruptEntry, Entry, KVLayout, decode, encode_bytes
+from kvstore.format import PREFIX_BYTES
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_is_exact_for_every_model_dtype(dtype):
+    layout = KVLayout(SMOL.num_layers, SMOL.num_kv_heads, SMOL.head_dim, dtype, SMOL.chunk_tokens)
+    kv = torch.randn(layout.chunk_shape(16)).to(dtype)
+    kv[0, 0, 0, 0, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 1e-8]).to(dtype)
+    positions = torch.arange(100, 116, dtype=torch.int64)
+    entry = Entry.plain("k1", layout, kv, positions, source="test")
+    back = decode(bytearray(encode_bytes(entry)), expect_key="k1")
+    assert back.kv.dtype == dtype
+    # bitwise equality (covers -0.0 and infinities, which == would blur)
+    assert torch.equal(_bits(back.kv), _bits(kv))
+    assert torch.equal(back.positions, positions)
+    assert back.layout == layout and back.meta == {"source": "test"}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def test_read_only_bytes_are_copied_so_the_result_is_writable():
+    entry = Entry.plain("k", SMOL, torch.ones(SMOL.chunk_shape(3), dtype=torch.float16))
+    back = decode(encode_bytes(entry))
+    back.kv.add_(1)  # would be undefined behaviour on a view of immutable bytes
+    assert float(back.kv.max()) == 2.0
+
+
+def test_compressed_entries_carry_extra_named_tensors_and_params():
+    layout = SMOL.with_method("think", keep_ratio=0.5, channels=[1, 2])
+    tensors = {
+        "k": torch.randn(30, 16, 3, 32).half(),  # pruned key channels: a different shape
+        "v": torch.randn(30, 16, 3, 64).half(),
+        "kept": torch.arange(32, dtype=torch.int64).repeat(30, 3, 1),
+    }
+    entry = Entry("c1", layout, tensors, torch.arange(16, dtype=torch.int64), {"num_tokens": 16})
+    back = decode(bytearray(encode_bytes(entry)))
+    assert back.layout.method == "think" and dict(back.layout.params)["keep_ratio"] == 0.5
+    assert list(back.tensors) == ["k", "v", "kept"]
+    for name, t in tensors.items():
+        assert torch.equal(back.tensors[name], t)
+    assert back.num_tokens == 16
+
+
+def test_every_truncation_is_caught():
+    data = encode_bytes(Entry.plain("k", SMOL, torch.randn(SMOL.chunk_shape(2)).half()))
+    for cut in [0, 3, PREFIX_BYTES - 1, PREFIX_BYTES + 5, len(data) // 2, len(data) - 1]:
+        with pytest.raises(CorruptEntry):
+            decode(data[:cut])
+
+
+def test_any_flipped_byte_is_caught():
+    data = bytearray(encode_bytes(Entry.plain("k", SMOL, torch.randn(SMOL.chunk_shape(2)).half())))
+    for pos in [0, 5, PREFIX_BYTES + 2, len(data) // 2, len(data) - 1]:
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        with pytest.raises(CorruptEntry):
+            decode(bad)
+
+
+def test_wrong_key_and_trailing_bytes_are_caught():
+    data = encode_bytes(Entry.plain("k", SMOL, torch.randn(SMOL.chunk_shape(2)).half()))
+    with pytest.raises(CorruptEntry, match="expected 'other'"):
+        decode(data, expect_key="other")
+    with pytest.raises(CorruptEntry):
+        decode(data + b"x")
+
+
+def test_no_pickle_in_the_bytes():
+    data = encode_bytes(Entry.plain("k", SMOL, torch.zeros(SMOL.chunk_shape(1), dtype=torch.float16)))
+    assert data.startswith(b"KVF1")
+    assert b"torch._utils" not in data and b"\x80\x04" not in data[:64]
+
+
+def test_bad_entries_are_refused_with_the_bad_value_named():
+    good = torch.zeros(SMOL.chunk_shape(4), dtype=torch.float16)
+    with pytest.raises(TypeError, match="float32"):
+        Entry.plain("k", SMOL, good.float())
+    with pytest.raises(ValueError, match="shape"):
+        Entry.plain("k", SMOL, torch.zeros(30, 2, 4, 3, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous"):
+        Entry.plain("k", SMOL, good.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match="positions"):
+        Entry.plain("k", SMOL, good, torch.arange(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="cannot be stored"):
+        Entry("k", SMOL.with_method("x"), {"a": torch.zeros(2, dtype=torch.complex64)})
