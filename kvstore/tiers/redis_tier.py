@@ -80,7 +80,7 @@ class RedisTier(Tier):
         self.prefix = prefix
         self.ttl_s = ttl_s  # expired entries are misses; their index slot is reclaimed on the next touch
         self.client = connect(url, timeout_s)
-        tag = "{" + prefix + "idx}"
+        tag = prefix + "{idx}"  # starts with the prefix; one cluster slot for the whole index
         self._index_keys = [tag + ":sizes", tag + ":lru", tag + ":bytes"]
         self._reserve = self.client.register_script(_RESERVE)
         self._release = self.client.register_script(_RELEASE)
