@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,23 @@ def _read_header(view: memoryview) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise CorruptEntry(f"entry header is a {type(header).__name__}, expected a map")
     return header, PREFIX_BYTES + header_len
+
+
+def read_header(prefix: bytes, read: Callable[[int], bytes]) -> dict[str, Any]:
+    """The header of an entry from its first PREFIX_BYTES and a reader for the rest (checksum not
+    verified: for listing only, never for serving data)."""
+    if len(prefix) < PREFIX_BYTES:
+        raise CorruptEntry(f"entry truncated: {len(prefix)} bytes, need at least {PREFIX_BYTES}")
+    magic, header_len, _ = _PREFIX.unpack_from(prefix, 0)
+    if magic != MAGIC:
+        raise CorruptEntry(f"not a kvfuse entry (magic {bytes(magic)!r})")
+    try:
+        header = msgpack.unpackb(read(header_len))
+    except Exception as e:
+        raise CorruptEntry(f"entry header is not msgpack: {e}") from e
+    if not isinstance(header, dict):
+        raise CorruptEntry(f"entry header is a {type(header).__name__}, expected a map")
+    return header
 
 
 def _read_tensors(view: memoryview, header: dict[str, Any], at: int) -> tuple[dict[str, torch.Tensor], int]:
