@@ -130,3 +130,40 @@ def positions_from(raw: Any) -> torch.Tensor | None:
     if not isinstance(raw, bytes) or len(raw) % 8:
         raise ValueError("'positions' must be int64 little-endian bytes")
     return torch.frombuffer(bytearray(raw), dtype=torch.int64) if raw else torch.empty(0, dtype=torch.int64)
+
+
+def encode_blobs(header: dict[str, Any], blobs: list[Buffers | None]) -> Buffers:
+    """A frame carrying several byte strings (e.g. encoded entries) back to back, without joining them.
+
+    They travel as one uint8 tensor "blobs"; `header["sizes"]` gets each one's size (-1 for None).
+    """
+    sizes = [-1 if b is None else sum(len(part) for part in b) for b in blobs]
+    described = torch.empty(sum(s for s in sizes if s > 0), dtype=torch.uint8)  # never sent: only described
+    frame = encode_frame({**header, "sizes": sizes}, {"blobs": described})[:2]
+    return frame + [part for b in blobs if b is not None for part in b]
+
+
+def split_blobs(
+    header: dict[str, Any], tensors: dict[str, torch.Tensor], max_count: int = 4096
+) -> list[memoryview | None]:
+    """The byte strings of an `encode_blobs` frame (views, no copies); ValueError when sizes do not add up."""
+    sizes, blob = header.get("sizes"), tensors.get("blobs")
+    if (
+        blob is None
+        or blob.dtype != torch.uint8
+        or not isinstance(sizes, list)
+        or not 1 <= len(sizes) <= max_count
+    ):
+        raise ValueError(f"a blob frame needs 'sizes' (1 to {max_count} ints) and a uint8 tensor 'blobs'")
+    if (
+        not all(isinstance(s, int) and s >= -1 for s in sizes)
+        or sum(s for s in sizes if s > 0) != blob.numel()
+    ):
+        raise ValueError(f"'sizes' {sizes!r:.200} do not add up to the {blob.numel()} blob bytes")
+    view = memoryview(blob.numpy()).cast("B") if blob.numel() else memoryview(b"")
+    out: list[memoryview | None] = []
+    at = 0
+    for size in sizes:
+        out.append(None if size < 0 else view[at : at + size])
+        at += max(size, 0)
+    return out

@@ -3,14 +3,16 @@
 Routers of other packages reuse these as FastAPI dependencies:
 
     router = APIRouter(prefix="/v1/x", dependencies=[Depends(require_api_key)])
-    def route(store: TieredStore = Depends(get_store), settings: ServerSettings = Depends(get_settings))
+    @router.get("/y")
+    def route(store: Store, settings: Settings): ...   # the TieredStore and the ServerSettings
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 
 from kvstore.service.settings import ServerSettings
 from kvstore.store import TieredStore
@@ -46,3 +48,8 @@ def require_api_key(request: Request) -> None:
             "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+# Route parameter types: `def route(store: Store, settings: Settings)`.
+Store = Annotated[TieredStore, Depends(get_store)]
+Settings = Annotated[ServerSettings, Depends(get_settings)]
