@@ -1,0 +1,281 @@
+"""LouisKV (arXiv 2510.11292): retrieve KV only when the query moves, in semantic units, for long inputs
+and long outputs.
+
+After a full prefill, each layer keeps `n_sink` first tokens and a local window of recent tokens resident
+and offloads the rest to the kvstore as units: the prompt's middle as k-means clusters of keys per KV head
+(`cluster_tokens` per cluster on average), generated tokens as segments cut where the query shifts (at
+least `min_segment`, at most `max_segment` tokens) once they leave the window. A unit is represented by
+its mean key.
+
+At each decode step and layer, `r_t` = mean over query heads of cos(q_{t-1}, q_t). When `r_t < tau` (and
+at the first step) the layer re-selects: per KV head, units by group-consistent score until the budget
+is full (units already resident stay; only new ones are fetched). Otherwise the last selection is reused.
+Attention is exact over sinks + selected units + local window at the tokens' original positions.
+
+`budget` counts every resident token per layer and KV head: sinks + local window + selected units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttnCall
+from engine.kvcache import KVCache, LayerKV
+from engine.runner import Engine
+from kvstore.store import TieredStore
+from retrieval.base import Retriever, kv_bytes
+from retrieval.kmeans import groups, kmeans
+from retrieval.offload import Unit
+from retrieval.subset import subset_attention
+from retrieval.units import UnitPool
+from retrieval.working import WorkingSet
+
+# Calibrated for SmolLM2-135M-Instruct with `calibrate_tau` on MuSiQue passage prompts: r_t < 0.8 on about
+# 24% of (layer, step) pairs (0.83: 36%, 0.77: 15%). Calibrate again for another model.
+DEFAULT_TAU = 0.8
+
+
+@dataclass
+class LouisKVConfig:
+    """budget: resident tokens per layer and KV head (sinks + window + retrieved units).
+    tau: retrieve when the adjacent-query cosine falls below it (> 1: every step; < -1: only the first).
+    n_sink / window: always-resident first tokens and recent tokens.
+    cluster_tokens: mean tokens per k-means unit of the prompt; max_unit: larger clusters are split.
+    min_segment / max_segment: length range of a generated-token segment (max_segment <= window).
+    kmeans_iters: Lloyd iterations (stops early when labels settle)."""
+
+    budget: int = 512
+    tau: float = DEFAULT_TAU
+    n_sink: int = 4
+    window: int = 64
+    cluster_tokens: int = 16
+    max_unit: int = 64
+    min_segment: int = 4
+    max_segment: int = 32
+    kmeans_iters: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "window", "cluster_tokens", "max_unit", "min_segment", "max_segment"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LouisKVConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"LouisKVConfig.n_sink must be an int >= 0, got {self.n_sink!r}")
+        if not isinstance(self.tau, (int, float)) or self.tau != self.tau:
+            raise ValueError(f"LouisKVConfig.tau must be a number, got {self.tau!r}")
+        if self.max_segment > self.window or self.min_segment > self.max_segment:
+            raise ValueError(
+                f"need min_segment <= max_segment <= window, got {self.min_segment}, "
+                f"{self.max_segment}, {self.window}"
+            )
+        if self.selection < 1:
+            raise ValueError(
+                f"LouisKVConfig.budget {self.budget} leaves no room for retrieved units after "
+                f"n_sink {self.n_sink} + window {self.window}"
+            )
+
+    @property
+    def selection(self) -> int:
+        """Tokens per layer and KV head left for retrieved units."""
+        return self.budget - self.n_sink - self.window
+
+
+class LouisKV(Retriever):
+    """Generation with LouisKV through the engine: `generate(ids, n)` or `prefill` + `engine.decode`."""
+
+    method = "louiskv"
+
+    def __init__(
+        self, engine: Engine, config: LouisKVConfig | None = None, store: TieredStore | None = None
+    ) -> None:
+        self.config = config or LouisKVConfig()
+        if not isinstance(self.config, LouisKVConfig):
+            raise TypeError(f"config must be a LouisKVConfig, got {type(self.config).__name__}")
+        super().__init__(engine, store, cluster_tokens=self.config.cluster_tokens)
+        self.layers: list[LouisKVLayer] = []
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.config.budget * self.engine.spec.kv_bytes_per_token
+
+    def resident_bytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def prefill(self, ids: torch.Tensor | list[int]) -> tuple[KVCache, torch.Tensor]:
+        """Full prefill of `ids`, then offload; returns the managed cache and the next-token logits."""
+        out = self.engine.forward(ids)
+        return self.offload(out.cache), out.logits[0, -1]
+
+    def offload(self, cache: KVCache) -> KVCache:
+        """Replace each dense layer of a batch-1 `cache` by a LouisKV layer (in place; returns it)."""
+        if not cache.layers or cache.layers[0].k.shape[0] != 1:
+            raise ValueError("LouisKV manages a non-empty batch-1 cache")
+        if any(isinstance(layer, LouisKVLayer) for layer in cache.layers):
+            raise ValueError("this cache is already managed by a retriever")
+        with self.timed():
+            self.layers = [self._layer(i, lay, cache.positions) for i, lay in enumerate(cache.layers)]
+        cache.layers = list(self.layers)
+        self.sync_stats()
+        return cache
+
+    def generate(
+        self, ids: torch.Tensor | list[int], max_new_tokens: int, stop: set[int] | None = None
+    ) -> list[int]:
+        """Greedy generation: full prefill, offload, decode with retrieval."""
+        cache, logits = self.prefill(ids)
+        new, _ = self.engine.decode(logits, cache, max_new_tokens, attention=self.attention, stop=stop)
+        return new
+
+    def attention(self, call: AttnCall) -> torch.Tensor:
+        layer = call.kv
+        if not isinstance(layer, LouisKVLayer) or layer.owner is not self:
+            raise TypeError("LouisKV.attention needs a cache offloaded by this LouisKV (see offload())")
+        out = layer.attend(call)
+        if call.layer == len(self.layers) - 1:
+            self.sync_stats()
+        return out
+
+    def _layer(self, i: int, dense: LayerKV, positions: torch.Tensor) -> LouisKVLayer:
+        layer = LouisKVLayer(self, i, dense.k, dense.v, positions)
+        middle = slice(layer.sink_k.shape[2], layer.local_start)
+        self._offload_clusters(layer, dense.k[0, :, middle], dense.v[0, :, middle], positions[middle])
+        return layer
+
+    def _offload_clusters(
+        self, layer: LouisKVLayer, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> None:
+        cfg = self.config
+        if k.shape[1] == 0:
+            return
+        clusters = -(-k.shape[1] // cfg.cluster_tokens)
+        labels = kmeans(k, clusters, cfg.kmeans_iters)
+        for h in range(k.shape[0]):
+            for members in groups(labels[h], cfg.max_unit):
+                layer.offload_unit(h, Unit(k[h, members], v[h, members], pos[members]))
+
+
+class LouisKVLayer(LayerKV):
+    """One layer under LouisKV: `k`/`v` hold the local window; sinks and retrieved units sit beside it."""
+
+    def __init__(
+        self, owner: LouisKV, index: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        cfg = owner.config
+        tokens = k.shape[2]
+        sink_end = min(cfg.n_sink, tokens)
+        self.local_start = max(sink_end, tokens - cfg.window)
+        super().__init__(k[:, :, self.local_start :].clone(), v[:, :, self.local_start :].clone())
+        self.owner, self.index = owner, index
+        self.sink_k, self.sink_v = k[:, :, :sink_end].clone(), v[:, :, :sink_end].clone()
+        self.local_positions = positions[self.local_start :].clone()
+        self.next_position = positions[-1] + 1
+        # The prompt's tail is cut into closed segments so it can leave the window like generated text.
+        ends = list(range(self.local_start + cfg.max_segment, tokens, cfg.max_segment)) + [tokens]
+        starts = [self.local_start, *ends[:-1]]
+        self.closed = [(s, e) for s, e in zip(starts, ends, strict=True) if e > s]
+        self.open_start = tokens
+        heads, head_dim = k.shape[1], k.shape[3]
+        self.pool = UnitPool(heads, head_dim, k.device)
+        self.working = WorkingSet(heads, head_dim, k.dtype, k.device)
+        self.q_prev: torch.Tensor | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return kv_bytes(self.k, self.v, self.sink_k, self.sink_v) + self.working.nbytes()
+
+    # ---- the engine's calls ----------------------------------------------------------------------
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one decoded token to the local window (making room first, so it never overflows)."""
+        if k.shape[2] != 1:
+            raise ValueError(
+                f"a LouisKV layer decodes one token per step, got {k.shape[2]} rows; prefill longer "
+                "inputs with the full cache and offload()"
+            )
+        cfg = self.owner.config
+        while self.length + 1 > cfg.window:
+            self._evict_oldest_segment()
+        token = self.local_start + self.length
+        super().update(k, v)
+        # The engine decodes at consecutive positions (its default), so the new row's is the next one.
+        self.local_positions = torch.cat([self.local_positions, self.next_position.view(1)])
+        self.next_position = self.next_position + 1
+        if token + 1 - self.open_start >= cfg.max_segment:
+            self.closed.append((self.open_start, token + 1))
+            self.open_start = token + 1
+        return self.k, self.v
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        cfg = self.owner.config
+        q = call.q[0, :, -1]  # [heads, d]
+        r = None if self.q_prev is None else float(torch.cosine_similarity(self.q_prev, q, dim=-1).mean())
+        retrieve = r is None or r < cfg.tau
+        if r is not None and r < cfg.tau:
+            self._boundary()
+        if retrieve:
+            with self.owner.timed():
+                self._retrieve(q, call.scale)
+        self.q_prev = q.clone()
+        self.owner.count_layer_step(self.index, retrieve)
+        return self._attend(call)
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _attend(self, call: AttnCall) -> torch.Tensor:
+        w = self.working
+        k = torch.cat([self.sink_k, w.k, self.k], dim=2)
+        v = torch.cat([self.sink_v, w.v, self.v], dim=2)
+        valid = None
+        if w.valid is not None:
+            ones = torch.ones(self.heads, 1, dtype=torch.bool, device=k.device)
+            sinks, local = ones.expand(-1, self.sink_k.shape[2]), ones.expand(-1, self.length)
+            valid = torch.cat([sinks, w.valid, local], dim=1)
+        return subset_attention(call.q, k, v, valid, call.scale)
+
+    def _boundary(self) -> None:
+        """The query shifted: the current token opens a new segment (if the open one is long enough)."""
+        token = self.local_start + self.length - 1
+        if token - self.open_start >= self.owner.config.min_segment:
+            self.closed.append((self.open_start, token))
+            self.open_start = token
+
+    def _retrieve(self, q: torch.Tensor, scale: float) -> None:
+        chosen = self.pool.select(q, scale, self.owner.config.selection)
+        keep, new = [], []
+        for h, ids in enumerate(chosen):
+            have = self.working.units(h)
+            keep.append(have & set(ids))
+            new.append([(u, self.owner.units.get(self.pool.keys[h][u])) for u in ids if u not in have])
+            self.owner.stats.tokens_selected += sum(self.pool.size(h, u) for u in ids)
+        self.working.rebuild(keep, new)
+
+    def _evict_oldest_segment(self) -> None:
+        """Move the oldest closed segment out of the window: into the store, and into the working set too
+        for heads whose selection has room (so a budget that holds everything never loses a token)."""
+        assert self.closed and self.closed[0][0] == self.local_start, "window holds no closed segment"
+        start, end = self.closed.pop(0)
+        n = end - start
+        seg_k, seg_v, seg_pos = self.k[0, :, :n], self.v[0, :, :n], self.local_positions[:n]
+        keep, new = [], []
+        for h in range(self.heads):
+            unit = Unit(seg_k[h].clone(), seg_v[h].clone(), seg_pos.clone())
+            uid = self.offload_unit(h, unit)
+            have = self.working.units(h)
+            keep.append(have)
+            room = self.working.tokens(h) + n <= self.owner.config.selection
+            new.append([(uid, unit)] if room else [])
+        self.working.rebuild(keep, new)
+        self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
+        self.local_positions = self.local_positions[n:]
+        self.local_start = end
+
+    def offload_unit(self, head: int, unit: Unit) -> int:
+        uid = len(self.pool.keys[head])
+        key = self.owner.units.key(self.index, head, uid)
+        self.owner.units.put(key, unit, layer=self.index, head=head)
+        return self.pool.add(head, key, unit.k)

@@ -1,0 +1,74 @@
+"""UnitPool: one layer's offloaded units per KV head (store key, size, mean key) and how they are chosen.
+
+Selection is group-consistent (LouisKV): per KV head, a unit's score is the mean over the head's query
+group of softmax over units of `q . c_u / sqrt(d)`; units are taken best first while they fit the budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class UnitPool:
+    """Units of one layer, per KV head; grows as prompt clusters and output segments are offloaded."""
+
+    def __init__(self, heads: int, head_dim: int, device: torch.device) -> None:
+        self.keys: list[list[str]] = [[] for _ in range(heads)]
+        self._sizes: list[list[int]] = [[] for _ in range(heads)]
+        self._means: list[list[torch.Tensor]] = [[] for _ in range(heads)]
+        self.head_dim = head_dim
+        self.device = device
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, head: int, key: str, keys: torch.Tensor) -> int:
+        """Register a unit whose keys are `keys` `[tokens, d]`; returns its id within the head."""
+        self.keys[head].append(key)
+        self._sizes[head].append(int(keys.shape[0]))
+        self._means[head].append(keys.float().mean(0))
+        self._stacked = None
+        return len(self.keys[head]) - 1
+
+    def size(self, head: int, unit: int) -> int:
+        return self._sizes[head][unit]
+
+    def __len__(self) -> int:
+        return sum(len(k) for k in self.keys)
+
+    def nbytes(self) -> int:
+        """Metadata resident for scoring (mean keys and sizes): small next to the KV it indexes."""
+        return len(self) * (self.head_dim * 4 + 8)
+
+    def select(self, q: torch.Tensor, scale: float, budget: int) -> list[list[int]]:
+        """Unit ids per KV head for the query `q` `[heads, d]` (one row per query head), best first,
+        taking units in score order while their tokens fit `budget`."""
+        means, sizes, valid = self._stack()
+        if means.shape[1] == 0:
+            return [[] for _ in self.keys]
+        scores = self.scores(q, means, valid, scale)
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+        fits = (torch.gather(sizes, 1, order).cumsum(-1) <= budget) & torch.gather(valid, 1, order)
+        return [order[h][fits[h]].tolist() for h in range(order.shape[0])]
+
+    @staticmethod
+    def scores(q: torch.Tensor, means: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        heads, units, d = means.shape
+        qg = q.float().view(heads, -1, d)  # [kv_heads, group, d]
+        logits = torch.einsum("hgd,hud->hgu", qg, means) * scale
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        return logits.softmax(-1).mean(1)
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._stacked is None:
+            longest = max(len(k) for k in self.keys)
+            heads = len(self.keys)
+            means = torch.zeros(heads, longest, self.head_dim, device=self.device)
+            sizes = torch.zeros(heads, longest, dtype=torch.long, device=self.device)
+            valid = torch.zeros(heads, longest, dtype=torch.bool, device=self.device)
+            for h in range(heads):
+                n = len(self.keys[h])
+                if n:
+                    means[h, :n] = torch.stack(self._means[h])
+                    sizes[h, :n] = torch.tensor(self._sizes[h], device=self.device)
+                    valid[h, :n] = True
+            self._stacked = (means, sizes, valid)
+        return self._stacked
