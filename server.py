@@ -95,7 +95,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def run(settings: ServerSettings) -> None:
     """Serve until interrupted (uvicorn; uvloop and httptools when installed)."""
+    import torch
     import uvicorn
+
+    # The server only copies bytes; torch's intra-op threads would spin against the requests' threads.
+    torch.set_num_threads(1)
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
