@@ -22,6 +22,7 @@ in `create_app`. What a route may use (kvstore/service/deps.py and body.py):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +94,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.store.close()
 
 
+def _return_freed_memory() -> None:
+    """Serve KV-sized buffers from mmap, so an evicted entry's memory goes back to the OS at once.
+
+    glibc otherwise raises its mmap threshold after the first large free and keeps later buffers in
+    per-thread heaps it rarely trims: the process would grow well past the store's byte capacity.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(name).mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+
+
 def run(settings: ServerSettings) -> None:
     """Serve until interrupted (uvicorn; uvloop and httptools when installed)."""
     import torch
@@ -100,6 +117,7 @@ def run(settings: ServerSettings) -> None:
 
     # The server only copies bytes; torch's intra-op threads would spin against the requests' threads.
     torch.set_num_threads(1)
+    _return_freed_memory()
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
