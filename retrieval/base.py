@@ -102,6 +102,16 @@ class Retriever(ABC):
     def resident_bytes(self) -> int:
         """KV bytes in the working set now."""
 
+    def use_store(self, store: TieredStore) -> None:
+        """Read this session's KV from `store` from now on (e.g. the same disk folder reopened after a
+        restart); ValueError if `store` does not hold it."""
+        missing = [key for key in self.units.stored_keys() if not store.contains(key)]
+        if missing:
+            raise ValueError(
+                f"store lacks {len(missing)} of this session's {len(self.units)} entries, e.g. {missing[0]}"
+            )
+        self.units.store = store
+
     def release(self) -> int:
         """Forget this session's KV in the store; returns how many entries were removed."""
         return self.units.release()

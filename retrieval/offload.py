@@ -88,6 +88,9 @@ class UnitStore:
         self._keys.clear()
         return removed
 
+    def stored_keys(self) -> list[str]:
+        return sorted(self._keys)
+
     def __len__(self) -> int:
         return len(self._keys)
 

@@ -5,7 +5,10 @@ plus the last `n_local`); every finished block's KV goes to the kvstore as one e
 mean key per layer and KV head is kept as the block's representative. Only the window stays resident.
 
 Answering: at each layer, the question's representative query (the mean of its queries) scores the
-blocks by dot product with their representative keys (summed over query heads); the top-k blocks are
+blocks by dot product with their representative keys (summed over query heads). Both means are taken
+over keys/queries rotated back to position 0, so a block is matched by content rather than by its
+distance to the question (with post-RoPE means, the recency of a block dominated the score on
+SmolLM2-135M: see README "Retrieval"). The top-k blocks are
 fetched (through a small LRU of (block, layer) entries) and laid out in time order after the initial
 tokens, followed by the unfinished tail of the stream. Keys are re-rotated to contiguous positions
 (`blend.rope.RopeShift`), the question is prefilled on that context and the answer decoded from it.
@@ -132,7 +135,7 @@ class ReKV(Retriever):
         for i, layer in enumerate(self.window.layers):
             k, v = layer.k[0, :, -n:], layer.v[0, :, -n:]
             self.units.put(self.units.key(block, i), Unit(k, v, positions), layer=i, block=block)
-            reps.append(k.float().mean(1))
+            reps.append(self.shift.shift(k, -positions).float().mean(1))
         self.block_reps.append(torch.stack(reps))
         self.block_starts.append(int(positions[0]))
 
@@ -181,7 +184,7 @@ class ReKV(Retriever):
         retrieved = layer.pending
         if retrieved:
             with self.timed():
-                layer.materialize(self._context(call.layer, call.q))
+                layer.materialize(self._context(call.layer, call.q, call.q_positions))
         self.count_layer_step(call.layer, retrieved)
         if call.layer == len(self.window.layers) - 1:
             self.sync_stats()
@@ -190,19 +193,21 @@ class ReKV(Retriever):
         )
         return causal_attention(full)
 
-    def select(self, layer: int, q: torch.Tensor) -> list[int]:
-        """Top-k block ids (in time order) for query rows `q` `[1, heads, rows, d]` at `layer`."""
+    def select(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> list[int]:
+        """Top-k block ids (in time order) for query rows `q` `[1, heads, rows, d]` at `positions`."""
         if not self.block_reps:
             return []
         reps = torch.stack([r[layer] for r in self.block_reps])  # [blocks, kv_heads, d]
-        rep_q = q[0].float().mean(1)  # [heads, d]
+        rep_q = self.shift.shift(q[0].float(), -positions.cpu()).mean(1)  # [heads, d], position-free
         group = rep_q.shape[0] // reps.shape[1]
         scores = torch.einsum("hd,bhd->b", rep_q, reps.repeat_interleave(group, dim=1))
         top = torch.topk(scores, min(self.config.top_k, len(self.block_reps))).indices
         return sorted(top.tolist())
 
-    def _context(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = self.select(layer, q)
+    def _context(
+        self, layer: int, q: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self.select(layer, q, positions)
         self.last_selection[layer] = blocks
         self.stats.tokens_selected += len(blocks) * self.config.block_tokens
         win = self.window.layers[layer]

@@ -1,0 +1,136 @@
+"""LouisKV on the real model: exactness at a full budget, the resident bound, the trigger, the store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import AttnCall
+from kvstore.config import StoreConfig
+from kvstore.store import TieredStore
+from retrieval.calibrate import calibrate_tau
+from retrieval.kmeans import groups, kmeans
+from retrieval.louiskv import LouisKV, LouisKVConfig
+from retrieval.tasks import needle
+
+NEW = 12
+SMALL = dict(window=32, max_segment=16, n_sink=4)
+
+
+@pytest.fixture(scope="module")
+def probe(engine, texts):
+    return needle(engine.tokenizer, texts, 320, depth=0.5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def full_tokens(engine, probe):
+    new, _ = engine.generate(probe.ids, NEW, stop=set())
+    return new
+
+
+def host_store() -> TieredStore:
+    return TieredStore(StoreConfig(host_bytes=1 << 30, write_behind=False))
+
+
+def test_budget_holding_everything_gives_the_full_cache_tokens(engine, probe, full_tokens):
+    r = LouisKV(engine, LouisKVConfig(budget=1024, **SMALL), host_store())
+    assert r.generate(probe.ids, NEW, stop=set()) == full_tokens
+    # The middle of the prompt really went through the store and came back.
+    assert r.stats.units_fetched > 0 and r.stats.tokens_fetched >= len(probe.ids) - 36
+    assert r.stats.retrieval_rate < 1.0  # the default tau reused selections on some (layer, step) pairs
+
+
+def test_resident_bytes_never_exceed_the_budget(engine, probe):
+    r = LouisKV(engine, LouisKVConfig(budget=96, tau=0.9, **SMALL), host_store())
+    seen = []
+
+    def checked(call: AttnCall) -> torch.Tensor:
+        out = r.attention(call)
+        seen.append(call.kv.nbytes())
+        assert r.resident_bytes() <= r.budget_bytes
+        return out
+
+    cache, logits = r.prefill(probe.ids)
+    offloaded = r.stats.units_offloaded
+    engine.decode(logits, cache, 40, attention=checked, stop=set())
+    assert len(seen) == 39 * engine.spec.num_layers
+    assert r.stats.peak_resident_bytes <= r.budget_bytes
+    assert r.budget_bytes < (len(probe.ids) + 40) * engine.spec.kv_bytes_per_token / 3
+    assert r.stats.units_offloaded > offloaded  # generated segments left the window for the store
+    assert max(seen) <= r.budget_bytes // engine.spec.num_layers
+
+
+@pytest.mark.parametrize("tau", [1.5, -1.5])
+def test_tau_outside_the_cosine_range(engine, probe, tau):
+    r = LouisKV(engine, LouisKVConfig(budget=128, tau=tau, **SMALL), host_store())
+    r.generate(probe.ids, 8, stop=set())
+    layers = engine.spec.num_layers
+    assert r.stats.steps == 7 and r.stats.layer_steps == 7 * layers
+    if tau > 1:
+        assert r.stats.retrievals == r.stats.layer_steps and r.stats.retrieval_steps == 7
+    else:
+        assert r.stats.retrievals == layers and r.stats.retrieval_steps == 1
+
+
+def test_offloaded_kv_lives_in_the_store_and_is_released(engine, probe):
+    store = host_store()
+    r = LouisKV(engine, LouisKVConfig(budget=128, tau=1.5, **SMALL), store)
+    cache, logits = r.prefill(probe.ids)
+    host = store.stats()["tiers"]["host"]
+    assert host["entries"] == len(r.units) > 0 and host["puts"] == len(r.units)
+    assert host["bytes"] >= (len(probe.ids) - 36) * engine.spec.kv_bytes_per_token
+    engine.decode(logits, cache, 4, attention=r.attention, stop=set())
+    assert store.stats()["tiers"]["host"]["hits"] == r.stats.units_fetched > 0
+    held = len(r.units)
+    assert held > host["entries"]  # window segments were offloaded during the decode
+    assert store.stats()["tiers"]["host"]["entries"] == held
+    assert r.release() == held
+    assert store.keys() == []
+
+
+def test_units_spill_to_disk_and_come_back_exactly(engine, probe, full_tokens, tmp_path):
+    store = TieredStore(StoreConfig(host_bytes=200_000, disk_path=str(tmp_path), write_behind=False))
+    r = LouisKV(engine, LouisKVConfig(budget=1024, **SMALL), store)
+    assert r.generate(probe.ids, NEW, stop=set()) == full_tokens
+    disk = store.stats()["tiers"]["disk"]
+    assert disk["entries"] > 0 and disk["hits"] > 0 and disk["corrupt"] == 0
+    assert len(list(tmp_path.rglob("*.kvf"))) == disk["entries"]
+    store.close()
+
+
+def test_bad_configs_and_calls(engine, probe):
+    with pytest.raises(ValueError, match="budget"):
+        LouisKVConfig(budget=40, window=64)
+    with pytest.raises(ValueError, match="max_segment"):
+        LouisKVConfig(max_segment=100, window=64)
+    with pytest.raises(TypeError, match="LouisKVConfig"):
+        LouisKV(engine, {"budget": 10})
+    r = LouisKV(engine, LouisKVConfig(budget=128, **SMALL), host_store())
+    cache, _ = r.prefill(probe.ids[:100])
+    with pytest.raises(ValueError, match="one token per step"):
+        engine.forward([1, 2], cache=cache, attention=r.attention)
+    with pytest.raises(ValueError, match="already managed"):
+        r.offload(cache)
+    with pytest.raises(TypeError, match="offload"):
+        engine.forward(probe.ids[:8], attention=r.attention)
+
+
+def test_calibrated_tau_meets_its_target_rate(engine, probe):
+    cal = calibrate_tau(engine, [probe.ids[:200]], max_new_tokens=6, target_rate=0.3)
+    assert cal.samples == 5 * engine.spec.num_layers
+    assert cal.rates == sorted(cal.rates)
+    assert cal.rates[cal.taus.index(cal.tau)] <= 0.3
+    with pytest.raises(ValueError, match="target_rate"):
+        calibrate_tau(engine, [probe.ids[:50]], target_rate=0)
+
+
+def test_kmeans_units_partition_the_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(3, 200, 16)
+    labels = kmeans(x, 12)
+    assert labels.shape == (3, 200) and int(labels.max()) < 12
+    for h in range(3):
+        units = groups(labels[h], max_size=10)
+        assert all(u.numel() <= 10 for u in units)
+        assert sorted(torch.cat(units).tolist()) == list(range(200))
+        assert all(bool((labels[h][u] == labels[h][u[0]]).all()) for u in units)
