@@ -1,0 +1,267 @@
+"""The retrieval benchmark (`kvfuse retrieval bench`, `bench/retrieval.py`): one JSON line and a plot.
+
+Everything is measured side by side in one run against the same model with its full cache:
+- passkey and needle (in MuSiQue passages) accuracy per input length and LouisKV budget, plus LouisKV
+  retrieving at every step at the middle budget;
+- long-output agreement: greedy match length of LouisKV (default tau, and every step) vs the full cache;
+- ReKV: block recall@k (per layer, averaged) and answer accuracy for facts planted at known blocks;
+- per configuration: retrievals per (layer, token), bytes fetched from the store, decode ms per token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.chat import build_chat
+from engine.runner import Engine
+from kvstore.config import StoreConfig
+from kvstore.store import TieredStore
+from retrieval.louiskv import LouisKV, LouisKVConfig
+from retrieval.rekv import ReKV, ReKVConfig
+from retrieval.tasks import fact_stream, needle, passages, passkey
+
+EVERY_STEP = 2.0  # a tau above 1: retrieve at every step
+
+
+@dataclass
+class BenchConfig:
+    lengths: tuple[int, ...] = (2048, 4096)
+    budgets: tuple[int, ...] = (256, 512, 1024)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    answer_tokens: int = 16  # SmolLM2 spells numbers digit by digit: 'The pass key is 4 8 2 1 3.'
+    long_prompt_tokens: int = 1024
+    long_output_tokens: int = 256
+    long_budget: int = 512
+    stream_tokens: int = 4096
+    stream_facts: int = 6
+    rekv: ReKVConfig = field(default_factory=ReKVConfig)
+    threads: int = 1
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(
+            lengths=(1024,),
+            budgets=(128, 256),
+            depths=(0.5,),
+            long_prompt_tokens=512,
+            long_output_tokens=32,
+            long_budget=256,
+            stream_tokens=1024,
+            stream_facts=3,
+            rekv=ReKVConfig(block_tokens=32, n_local=128, top_k=4),
+        )
+
+
+def _store() -> TieredStore:
+    return TieredStore(StoreConfig(host_bytes=8 << 30, write_behind=False))
+
+
+def _decode(engine: Engine, logits, cache, n: int, attention=None) -> tuple[list[int], float]:
+    start = time.perf_counter()
+    new, _ = engine.decode(logits, cache, n, attention=attention, stop=set())
+    return new, (time.perf_counter() - start) * 1000 / max(1, len(new) - 1)
+
+
+def _louiskv_run(engine, out, n, budget, tau) -> tuple[list[int], float, dict[str, Any]]:
+    r = LouisKV(engine, LouisKVConfig(budget=budget, tau=tau), _store())
+    cache = r.offload(out.cache.clone())
+    new, ms = _decode(engine, out.logits[0, -1], cache, n, r.attention)
+    stats = r.stats.as_dict()
+    r.release()
+    return new, ms, stats
+
+
+def _variants(cfg: BenchConfig) -> list[tuple[str, int, float]]:
+    middle = cfg.budgets[len(cfg.budgets) // 2]
+    rows = [(f"louiskv-{b}", b, LouisKVConfig().tau) for b in cfg.budgets]
+    return rows + [(f"every-step-{middle}", middle, EVERY_STEP)]
+
+
+def accuracy(engine: Engine, cfg: BenchConfig, texts: list[str]) -> list[dict[str, Any]]:
+    """One row per (task, length, depth, method): correct, decode ms/token, retrieval counters."""
+    rows = []
+    for length in cfg.lengths:
+        for depth in cfg.depths:
+            for task, probe in (
+                ("passkey", passkey(engine.tokenizer, length, depth, seed=int(depth * 100))),
+                ("needle", needle(engine.tokenizer, texts, length, depth, seed=int(depth * 100))),
+            ):
+                out = engine.forward(probe.ids)
+                base = dict(task=task, length=length, depth=depth)
+                new, ms = _decode(engine, out.logits[0, -1], out.cache.clone(), cfg.answer_tokens)
+                rows.append(
+                    dict(base, method="full", correct=_hit(engine, new, probe.answer), ms_per_token=ms)
+                )
+                for name, budget, tau in _variants(cfg):
+                    new, ms, stats = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau)
+                    rows.append(
+                        dict(
+                            base,
+                            method=name,
+                            correct=_hit(engine, new, probe.answer),
+                            ms_per_token=ms,
+                            **_counters(stats),
+                        )
+                    )
+    return rows
+
+
+def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str, Any]:
+    """Greedy match length over `long_output_tokens` of LouisKV (default tau; every step) vs full."""
+    chosen, used = [], 0
+    for t in texts:
+        if used >= cfg.long_prompt_tokens - 80:
+            break
+        chosen.append(t)
+        used += len(engine.tokenizer(t)["input_ids"])
+    prompt = build_chat(
+        engine.tokenizer, "Summarize these passages in detail, one paragraph per passage.", chosen
+    )
+    out = engine.forward(prompt.ids)
+    n = cfg.long_output_tokens
+    full, full_ms = _decode(engine, out.logits[0, -1], out.cache.clone(), n)
+    result: dict[str, Any] = dict(prompt_tokens=len(prompt.ids), tokens=n, full_ms_per_token=full_ms)
+    for name, tau in (("louiskv", LouisKVConfig().tau), ("every_step", EVERY_STEP)):
+        new, ms, stats = _louiskv_run(engine, out, n, cfg.long_budget, tau)
+        result[name] = dict(
+            match_length=_match(full, new), same_tokens=_same(full, new), ms_per_token=ms, **_counters(stats)
+        )
+    return result
+
+
+def rekv(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str, Any]:
+    """Block recall@k and answer accuracy for facts planted at known blocks, vs the full cache."""
+    c = cfg.rekv
+    blocks_total = (cfg.stream_tokens - c.n_init) // c.block_tokens
+    blocks = [int((i + 0.5) * blocks_total / cfg.stream_facts) for i in range(cfg.stream_facts)]
+    stream = fact_stream(engine.tokenizer, texts, cfg.stream_tokens, blocks, c.block_tokens, c.n_init, seed=7)
+    r = ReKV(engine, c, _store())
+    start = time.perf_counter()
+    r.encode(stream.ids)
+    encode_s = time.perf_counter() - start
+    full = engine.forward(stream.ids, logits="none").cache
+    facts = []
+    for fact in stream.facts:
+        want = r.block_of(fact.position)
+        new = r.answer(fact.question, cfg.answer_tokens, stop=set())
+        recall = sum(want in sel for sel in r.last_selection.values()) / len(r.last_selection)
+        base, _ = engine.generate(fact.question, cfg.answer_tokens, cache=full.clone(), stop=set())
+        facts.append(
+            dict(
+                block=want,
+                recall=recall,
+                correct=_hit(engine, new, fact.answer),
+                full_correct=_hit(engine, base, fact.answer),
+            )
+        )
+    stats = r.stats.as_dict()
+    return dict(
+        stream_tokens=len(stream.ids),
+        blocks=r.num_blocks,
+        top_k=c.top_k,
+        encode_s=encode_s,
+        recall_at_k=sum(f["recall"] for f in facts) / len(facts),
+        accuracy=sum(f["correct"] for f in facts) / len(facts),
+        full_accuracy=sum(f["full_correct"] for f in facts) / len(facts),
+        facts=facts,
+        resident_bytes_peak=stats["peak_resident_bytes"],
+        budget_bytes=r.budget_bytes,
+        stream_kv_bytes=len(stream.ids) * engine.spec.kv_bytes_per_token,
+        bytes_fetched=stats["bytes_fetched"],
+    )
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Accuracy and mean counters per (method, length)."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        key = f"{row['method']}@{row['length']}"
+        out.setdefault(key, {"n": 0, "correct": 0, "ms": 0.0, "rate": 0.0, "mb_fetched": 0.0})
+        s = out[key]
+        s["n"] += 1
+        s["correct"] += row["correct"]
+        s["ms"] += row["ms_per_token"]
+        s["rate"] += row.get("retrieval_rate", 0.0)
+        s["mb_fetched"] += row.get("bytes_fetched", 0) / 1e6
+    for s in out.values():
+        n = s.pop("n")
+        out_row = {"accuracy": s["correct"] / n, "ms_per_token": s["ms"] / n}
+        out_row.update(retrieval_rate=s["rate"] / n, mb_fetched=s["mb_fetched"] / n, probes=n)
+        s.clear()
+        s.update(out_row)
+    return out
+
+
+def run(engine: Engine, cfg: BenchConfig, plot: Path | None = None) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    texts = passages(limit=60)
+    start = time.perf_counter()
+    rows = accuracy(engine, cfg, texts)
+    result = dict(
+        config=_jsonable(asdict(cfg)),
+        accuracy=summarize(rows),
+        long_output=long_output(engine, cfg, texts),
+        rekv=rekv(engine, cfg, texts),
+        rows=rows,
+    )
+    result["wall_s"] = time.perf_counter() - start
+    if plot is not None:
+        draw(result, plot)
+    return result
+
+
+def draw(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = result["accuracy"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    methods = sorted({k.split("@")[0] for k in acc})
+    lengths = sorted({int(k.split("@")[1]) for k in acc})
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ys = [acc.get(f"{m}@{n}", {}).get("accuracy", 0) for n in lengths]
+        axes[0].bar([j + i * width for j in range(len(lengths))], ys, width, label=m)
+        ms = [acc.get(f"{m}@{n}", {}).get("ms_per_token", 0) for n in lengths]
+        axes[1].bar([j + i * width for j in range(len(lengths))], ms, width, label=m)
+    for ax, title in ((axes[0], "passkey + needle accuracy"), (axes[1], "decode ms / token")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n} tokens" for n in lengths])
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    facts = result["rekv"]["facts"]
+    axes[2].bar([str(f["block"]) for f in facts], [f["recall"] for f in facts])
+    axes[2].set_title(f"ReKV recall@{result['rekv']['top_k']} per planted block (layers averaged)")
+    axes[2].set_ylim(0, 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _counters(stats: dict[str, Any]) -> dict[str, Any]:
+    keys = ("retrieval_rate", "step_retrieval_rate", "bytes_fetched", "tokens_fetched", "peak_resident_bytes")
+    return {k: stats[k] for k in keys}
+
+
+def _hit(engine: Engine, ids: list[int], answer: str) -> bool:
+    return answer in engine.tokenizer.decode(ids)
+
+
+def _match(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _same(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=False)) / max(1, len(a))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

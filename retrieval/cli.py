@@ -1,0 +1,44 @@
+"""`kvfuse retrieval bench`: the retrieval benchmark from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("retrieval", help="KV retrieval (LouisKV, ReKV)")
+    sub = parser.add_subparsers(dest="retrieval_command", required=True)
+    bench = sub.add_parser("bench", help="accuracy, agreement, recall and cost vs the full cache (JSON line)")
+    bench.add_argument("--quick", action="store_true", help="1K inputs, small budgets, short outputs")
+    bench.add_argument("--lengths", type=int, nargs="+", help="input lengths (tokens)")
+    bench.add_argument("--budgets", type=int, nargs="+", help="LouisKV budgets (resident tokens per head)")
+    bench.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1]")
+    bench.add_argument("--long-output-tokens", type=int, help="tokens generated for the agreement test")
+    bench.add_argument("--stream-tokens", type=int, help="ReKV stream length")
+    bench.add_argument("--plot", type=Path, default=Path("bench/out/retrieval.png"), help="where to draw")
+    bench.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from engine.loader import load_model
+    from engine.runner import Engine
+    from retrieval.bench import BenchConfig, run
+
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    overrides = {
+        "lengths": tuple(args.lengths) if args.lengths else None,
+        "budgets": tuple(args.budgets) if args.budgets else None,
+        "depths": tuple(args.depths) if args.depths else None,
+        "long_output_tokens": args.long_output_tokens,
+        "stream_tokens": args.stream_tokens,
+    }
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    result = run(Engine(load_model()), cfg, plot=args.plot)
+    args.plot.with_suffix(".json").write_text(json.dumps(result, indent=1))  # with every probe's row
+    result.pop("rows")
+    print(json.dumps(result))
+    return 0
