@@ -25,8 +25,9 @@ install-test: $(STAMP)
 info: install
 	$(BIN)/kvfuse info
 
+# the service with the embedded defaults: host RAM + disk under $$KVFUSE_HOME, Redis if $$KVFUSE_REDIS_URL is set
 serve: install
-	$(BIN)/kvfuse info
+	$(BIN)/kvfuse serve --host 127.0.0.1
 
 test: install-test
 	$(BIN)/ruff check .

@@ -79,10 +79,10 @@ class Request:
                 f"bytes, but the payload is {self.length}"
             )
 
-    def to_entry(self, payload: bytearray) -> Entry:
-        data = torch.frombuffer(payload, dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    def to_entry(self, payload: torch.Tensor) -> Entry:
+        """The entry holding `payload` (a uint8 tensor of `length` bytes, kept as is)."""
         meta = {"lm_key": self.key.decode(), "lm": [self.fmt, self.dtype, *self.shape, self.location]}
-        return Entry(self.store_key(), LAYOUT, {DATA: data}, None, meta)
+        return Entry(self.store_key(), LAYOUT, {DATA: payload}, None, meta)
 
 
 def reply_for(entry: Entry) -> tuple[bytes, memoryview]:

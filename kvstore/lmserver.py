@@ -20,6 +20,8 @@ import socket
 import time
 from typing import Any
 
+import torch
+
 from kvstore.lmproto import (
     CLIENT,
     COMMANDS,
@@ -161,8 +163,8 @@ class LmServer:
                 "lm:// PUT of %d bytes over the %d-byte limit dropped", req.length, self.max_value_bytes
             )
             return FAIL
-        payload = bytearray(req.length)
-        if not await _recv_into(sock, memoryview(payload)):
+        payload = torch.empty(req.length, dtype=torch.uint8)  # uninitialized: the socket fills it
+        if not await _recv_into(sock, memoryview(payload.numpy()).cast("B")):
             raise Disconnected
         if self.metrics is not None:
             self.metrics.lm_bytes.labels("in").inc(req.length)

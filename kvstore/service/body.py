@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException, Request
 
 Scope = MutableMapping[str, Any]
@@ -80,17 +81,16 @@ async def _too_large(send: Send, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_body(request: Request) -> bytearray:
+async def read_body(request: Request) -> memoryview:
     """The whole body in one writable buffer; 400 when it does not match its Content-Length."""
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
-        body = bytearray()
+        chunks = bytearray()
         async for chunk in request.stream():  # chunked: the middleware still bounds it
-            body += chunk
-        return body
+            chunks += chunk
+        return memoryview(chunks)
     size = int(declared)
-    body = bytearray(size)
-    view = memoryview(body)
+    view = memoryview(np.empty(size, dtype=np.uint8))  # uninitialized: the body fills it
     got = 0
     async for chunk in request.stream():
         if got + len(chunk) > size:
@@ -99,4 +99,4 @@ async def read_body(request: Request) -> bytearray:
         got += len(chunk)
     if got != size:
         raise HTTPException(400, f"request body is truncated: {got} of {size} bytes")
-    return body
+    return view
