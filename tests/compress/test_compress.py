@@ -1,0 +1,297 @@
+"""Compressors on the real model: exactness where the math says so, real bytes, decoding, storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import (
+    REGISTRY,
+    Chelsea,
+    KVPressThinK,
+    SnapKV,
+    StreamingLLM,
+    ThinK,
+    attend,
+    compress_cache,
+    compressing,
+    compressor_for,
+    from_entry,
+    kv_bytes,
+    kv_ratio,
+    observe,
+    prefill,
+    to_entry,
+)
+from compress.evaluate import nq_passages, tokens_of
+from compress.think import ThinKLayer
+from compress.tokenset import TokenSetLayer
+from engine.attention import AttnCall, causal_attention
+from engine.kvcache import KVCache, LayerKV
+from kvstore.format import Entry
+from kvstore.layout import KVLayout
+from kvstore.store import TieredStore
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.host import HostTier
+
+ATOL = 2e-4  # fp32 on CPU; the compressed path splits the softmax into parts, SDPA fuses it
+
+
+@pytest.fixture(scope="module")
+def text_ids(engine, shared_data):
+    """About 230 tokens of real Wikipedia text and 6 continuation tokens."""
+    text = " ".join(nq_passages(shared_data, 6, seed=3))
+    ids = tokens_of(engine, text)
+    assert len(ids) > 240
+    return ids[:230], ids[230:236]
+
+
+@pytest.fixture(scope="module")
+def full_logits(engine, text_ids):
+    prompt, cont = text_ids
+    return engine.forward(prompt + cont, logits="all").logits[0, len(prompt) - 1 :]
+
+
+def continue_logits(engine, cache: KVCache, cont: list[int], attention=attend) -> torch.Tensor:
+    """Logits of the prompt's last row's successors: the continuation as one forward, then 2 decode steps."""
+    first = engine.forward(cont[:-2], cache=cache, attention=attention, logits="all").logits[0]
+    rows = [first]
+    for token in cont[-2:]:
+        rows.append(engine.forward([token], cache=cache, attention=attention).logits[0])
+    return torch.cat(rows)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "compressor", [ThinK(lam=0.0), Chelsea(keep=1.0, chunk=16)], ids=["think0", "chelsea1"]
+)
+def test_no_compression_equals_full_cache(engine, text_ids, full_logits, compressor):
+    prompt, cont = text_ids
+    out = prefill(engine, prompt, compressor)
+    assert max_diff(out.logits[0, -1], full_logits[0]) < ATOL  # the prompt's own attention is exact
+    logits = continue_logits(engine, out.cache, cont)
+    assert max_diff(logits, full_logits[1:]) < ATOL
+    assert out.cache.next_position == len(prompt) + len(cont)
+
+
+def test_positions_continue_at_original_length(engine, text_ids):
+    prompt, cont = text_ids
+    cache = prefill(engine, prompt, Chelsea(keep=0.25, chunk=16)).cache
+    held = cache.layers[0].length
+    assert held < len(prompt) / 2  # far fewer tokens held than covered ...
+    assert cache.next_position == len(prompt)  # ... yet the next token sits at the original length
+    seen = []
+    engine.forward([cont[0]], cache=cache, attention=attend, hook=lambda step: seen.append(step.positions))
+    assert seen[0].tolist() == [len(prompt)]
+
+
+def test_think_gather_equals_zero_filled_reference(engine, text_ids):
+    prompt, cont = text_ids
+    think = prefill(engine, prompt, ThinK(lam=0.5)).cache
+    layer = think.layers[3]
+    assert isinstance(layer, ThinKLayer)
+    assert layer.k_pruned.shape == (1, 3, len(prompt) - 32, 32)  # a genuinely narrower tensor
+    zeroed = KVCache([LayerKV(lay.zero_filled(), lay.v) for lay in think.layers], think.positions.clone())
+    ours = continue_logits(engine, think, cont)
+    reference = continue_logits(engine, zeroed, cont, attention=causal_attention)
+    assert max_diff(ours, reference) < ATOL
+
+
+def test_think_bytes_equal_the_formula(engine, text_ids, tmp_path):
+    prompt, _ = text_ids
+    spec = engine.spec
+    think = ThinK(lam=0.4)
+    cache = prefill(engine, prompt, think).cache
+    t, w, d, h, layers = len(prompt), think.window, spec.head_dim, spec.num_kv_heads, spec.num_layers
+    kept = d - int(d * 0.4)
+    assert kept == 39
+    per_layer = h * ((t - w) * kept * 4 + kept * 8 + w * d * 4 + t * d * 4)
+    assert kv_bytes(cache) == (layers * per_layer, t * spec.kv_bytes_per_token)
+    assert kv_ratio(cache) < 1 - 0.2 * (t - w) / t + 0.01
+    entry = to_entry("k" * 32, cache, KVLayout.for_spec(spec), think)
+    assert entry.nbytes == layers * per_layer + t * 8  # tensors + int64 positions
+    store = TieredStore(tiers=[HostTier(1 << 30)])
+    store.put(entry)
+    assert store.stats()["tiers"]["host"]["bytes"] == entry.nbytes
+
+
+def test_chelsea_bytes_equal_the_formula(engine, text_ids):
+    prompt, _ = text_ids
+    spec = engine.spec
+    chelsea = Chelsea(keep=0.25, chunk=16, sinks=4, recent=32)
+    cache = prefill(engine, prompt, chelsea).cache
+    t = len(prompt)
+    chunks = (t - 4 - 32) // 16
+    kept = 4 + chunks * 4  # sinks + 4 of every 16-token chunk
+    tail = t - 4 - chunks * 16
+    per_layer = spec.num_kv_heads * (kept * spec.head_dim * 4 * 2 + kept * 4 + tail * spec.head_dim * 4 * 2)
+    assert kv_bytes(cache)[0] == spec.num_layers * per_layer
+    layer = cache.layers[0]
+    assert isinstance(layer, TokenSetLayer)
+    assert layer.size.sum(-1).tolist() == [[kept - 4 + chunks * 12 + 4] * 3]  # sizes account every token
+
+
+def test_identical_merged_keys_give_exact_attention_when_size_aware(engine, text_ids):
+    """Keys duplicated in pairs merge into their twin: `+ log m` makes that exactly full attention."""
+    prompt, cont = text_ids
+    out, _ = observe(engine, prompt)
+    full = out.cache.layers[7]
+    k, v = full.k.clone(), full.v.clone()
+    k[:, :, 1::2] = k[:, :, 0::2][:, :, : k[:, :, 1::2].shape[2]]  # key 2i+1 = key 2i; values differ
+    q = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(0)) * 2
+    t = k.shape[2]
+    call = AttnCall(7, q, k, v, torch.tensor([t - 1]), torch.tensor([t - 1]), 64**-0.5)
+    exact = causal_attention(call)
+    outs = {}
+    for aware in (True, False):
+        layer = Chelsea(keep=0.5, chunk=16, sinks=4, recent=32, size_aware=aware).compress(
+            None, None, k, v, None, {}
+        )
+        assert layer.size.max() == 2
+        outs[aware] = layer.attend(
+            AttnCall(7, q, layer.k, layer.v, call.q_index, call.q_positions, call.scale, layer)
+        )
+    assert max_diff(outs[True], exact) < 1e-5
+    assert max_diff(outs[False], exact) > 1e-3  # plain attention under-weights the merged pairs
+
+
+def test_per_head_lengths_are_masked(engine, text_ids):
+    """Heads holding different numbers of tokens (padded with size 0) attend exactly over their own."""
+    prompt, _ = text_ids
+    out, _ = observe(engine, prompt[:80])
+    k, v = out.cache.layers[2].k, out.cache.layers[2].v
+    keep = [torch.arange(0, 48), torch.arange(0, 48, 2), torch.arange(10, 40)]  # per head, before the tail
+    longest = max(len(i) for i in keep)
+    k_set = torch.zeros(1, 3, longest, 64)
+    v_set, size = torch.zeros_like(k_set), torch.zeros(1, 3, longest)
+    for h, idx in enumerate(keep):
+        k_set[0, h, : len(idx)], v_set[0, h, : len(idx)], size[0, h, : len(idx)] = (
+            k[0, h, idx],
+            v[0, h, idx],
+            1,
+        )
+    layer = TokenSetLayer(k=k[:, :, 48:], v=v[:, :, 48:], k_set=k_set, v_set=v_set, size=size, total=80)
+    q = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(1))
+    got = layer.attend(AttnCall(2, q, layer.k, layer.v, torch.tensor([80]), torch.tensor([80]), 0.125, layer))
+    for h, idx in enumerate(keep):
+        rows = torch.cat([idx, torch.arange(48, 80)])
+        sub = AttnCall(
+            2,
+            q[:, 3 * h : 3 * h + 3],
+            k[:, h : h + 1, rows],
+            v[:, h : h + 1, rows],
+            torch.tensor([80]),
+            None,
+            0.125,
+        )
+        assert max_diff(got[:, 3 * h : 3 * h + 3], causal_attention(sub)) < 1e-5
+
+
+def test_chelsea_merges_chunks_leaving_the_window_during_decode(engine, text_ids):
+    prompt, cont = text_ids
+    chelsea = Chelsea(keep=0.25, chunk=8, sinks=4, recent=8)
+    cache = prefill(engine, prompt[:60], chelsea).cache
+    before = cache.layers[0].k_set.shape[2]
+    engine.forward(prompt[60:90], cache=cache, attention=attend)  # 30 new rows: causal among themselves
+    for token in prompt[90:100]:
+        engine.forward([token], cache=cache, attention=attend)
+    layer = cache.layers[0]
+    assert layer.total == 100 and len(cache) == 100
+    assert layer.k.shape[2] < 8 + 8 + 8  # the tail never keeps more than recent + one chunk (+ last rows)
+    assert layer.k_set.shape[2] > before and layer.size.sum(-1).eq(100 - layer.k.shape[2]).all()
+
+
+def test_prefill_hook_equals_offline_compression(engine, text_ids):
+    prompt, cont = text_ids
+    think = ThinK(lam=0.4)
+    with compressing(engine, think) as press:
+        engine.forward(prompt, cache=press.cache, hook=press)
+    out, seen = observe(engine, prompt)
+    offline = compress_cache(engine, out.cache, think, seen)
+    recomputed = compress_cache(engine, out.cache, think, ids=prompt)  # as for a chunk loaded from a store
+    for a, b, c in zip(press.cache.layers, offline.layers, recomputed.layers, strict=True):
+        assert torch.equal(a.channels, b.channels) and torch.equal(a.channels, c.channels)
+        assert max_diff(a.k_pruned, c.k_pruned) == 0
+    assert isinstance(out.cache.layers[0], LayerKV) and out.cache.layers[0].k.shape[2] == len(prompt)
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_decodes_and_reports_its_bytes(engine, text_ids, full_logits, method):
+    prompt, cont = text_ids
+    compressor = compressor_for(method)
+    out = prefill(engine, prompt, compressor)
+    ratio = kv_ratio(out.cache)
+    if method == "kvpress_think":
+        assert ratio == 1.0  # zeroes channels, keeps the shape
+    else:
+        assert 0 < ratio < 0.9
+    new, cache = engine.decode(out.logits[0, -1], out.cache, 4, attention=attend, stop=set())
+    assert len(new) == 4 and cache.next_position == len(prompt) + 3
+    logits = continue_logits(engine, prefill(engine, prompt, compressor).cache, cont)
+    assert torch.isfinite(logits).all()
+    agree = (logits.argmax(-1) == full_logits[1:].argmax(-1)).float().mean()
+    assert agree >= 0.5  # every method keeps most next-token choices on real text
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [ThinK(lam=0.4), Chelsea(keep=0.25, chunk=16), SnapKV(keep=0.3)],
+    ids=["think", "chelsea", "snapkv"],
+)
+def test_compressed_chunk_round_trips_through_the_disk_tier(engine, text_ids, tmp_path, compressor):
+    prompt, cont = text_ids
+    cache = prefill(engine, prompt, compressor).cache
+    plain = KVLayout.for_spec(engine.spec)
+    entry = to_entry("c0ffee" * 6, cache, plain, compressor)
+    assert entry.layout.method == compressor.method and dict(entry.layout.params) == compressor.params()
+    DiskTier(tmp_path, 1 << 30).put(entry)
+    loaded = DiskTier(tmp_path, 1 << 30).get(entry.key)  # a fresh tier: rebuilt from the files
+    assert loaded is not None and loaded.nbytes == entry.nbytes
+    restored = from_entry(loaded)
+    assert kv_bytes(restored) == kv_bytes(cache)
+    plain_bytes = Entry.plain("p", plain, cache_dense_chunk(engine, prompt)).nbytes
+    assert entry.nbytes < 0.9 * plain_bytes
+    expected = continue_logits(engine, cache, cont)
+    assert max_diff(continue_logits(engine, restored, cont), expected) == 0
+
+
+def cache_dense_chunk(engine, prompt) -> torch.Tensor:
+    return engine.forward(prompt).cache.to_chunk()
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: ThinK(lam=-0.1), "lam"),
+        (lambda: ThinK(lam=1.0), "lam"),
+        (lambda: Chelsea(keep=-0.5), "keep"),
+        (lambda: Chelsea(keep=0.0), "keep"),
+        (lambda: Chelsea(keep=1.5), "keep"),
+        (lambda: Chelsea(keep=0.01, chunk=32), "keep"),  # rounds to 0 tokens per chunk
+        (lambda: StreamingLLM(keep=0.0), "keep"),
+        (lambda: SnapKV(keep=1.2), "keep"),
+        (lambda: KVPressThinK(lam=1.0), "lam"),
+    ],
+)
+def test_bad_ratio_is_refused_by_name(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_bad_inputs_name_what_is_wrong(engine, text_ids):
+    prompt, _ = text_ids
+    with pytest.raises(ValueError, match="unknown compression method 'zip'"):
+        compressor_for("zip")
+    with pytest.raises(ValueError, match="unknown chelsea parameters"):
+        compressor_for("chelsea", {"ratio": 0.5})
+    plain = engine.forward(prompt[:20]).cache
+    with pytest.raises(TypeError, match="LayerKV"):
+        to_entry("k" * 32, plain, KVLayout.for_spec(engine.spec), ThinK())
+    with pytest.raises(ValueError, match="observation"):
+        compress_cache(engine, plain, ThinK())
+    compressed = prefill(engine, prompt[:40], Chelsea(chunk=8)).cache
+    with pytest.raises(TypeError, match="plain cache"), compressing(engine, ThinK(), compressed):
+        pass
