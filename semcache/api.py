@@ -1,0 +1,178 @@
+"""REST routes of the semantic cache: `/v1/semcache/...`, as a FastAPI router for server.py.
+
+The cache lives in `app.state.semcache`; when the app has not put one there, the first request builds
+it from `SemcacheSettings` (environment). Every route needs the API key when one is configured
+(`app.state.api_key`, else `$KVFUSE_API_KEY`): lookups return tenants' answers, so they are guarded too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+from semcache.cache import SemanticCache
+from semcache.settings import SemcacheSettings
+
+_init_lock = threading.Lock()
+Text = Annotated[StrictStr, Field(max_length=16_384)]  # a backstop; the cache's Limits are the rule
+Ident = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+Number = StrictFloat | StrictInt
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class LookupBody(_Body):
+    question: Text
+    tenant: Ident
+    category: Ident | None = None
+    model: Ident = "default"
+
+
+class InsertBody(_Body):
+    question: Text
+    answer: Annotated[StrictStr, Field(max_length=512 * 1024)]
+    tenant: Ident
+    category: Ident | None = None
+    model: Ident = "default"
+    metadata: dict[str, Any] | None = None
+    ttl_s: Number | None = None
+
+
+class InvalidateBody(_Body):
+    tenant: Ident
+    entry_id: Ident | None = None
+    question: Text | None = None
+    category: Ident | None = None
+    model: Ident | None = None
+
+
+class CategoryBody(_Body):
+    threshold: Number | None = None
+    ttl_s: Number | None = None
+    max_entries: StrictInt | None = None
+    max_bytes: StrictInt | None = None
+    strict: bool | None = None
+    cacheable: bool | None = None
+
+
+class LoadBody(_Body):
+    model: Ident = "default"
+    load: Number
+
+
+def _settings(request: Request) -> SemcacheSettings:
+    settings = getattr(request.app.state, "semcache_settings", None)
+    if settings is None:
+        settings = request.app.state.semcache_settings = SemcacheSettings()
+    return settings
+
+
+def require_api_key(request: Request) -> None:
+    expected = getattr(request.app.state, "api_key", None) or os.environ.get("KVFUSE_API_KEY")
+    if not expected:
+        return
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = given or auth[7:]
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
+
+
+async def limit_body(request: Request) -> None:
+    limit = _settings(request).max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+    if len(await request.body()) > limit:  # chunked bodies declare no length
+        raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+
+
+def get_cache(request: Request) -> SemanticCache:
+    cache = getattr(request.app.state, "semcache", None)
+    if cache is None:
+        with _init_lock:
+            cache = getattr(request.app.state, "semcache", None)
+            if cache is None:
+                cache = request.app.state.semcache = SemanticCache(_settings(request).cache_config())
+    return cache
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (ValueError, TypeError) as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+
+Cache = Annotated[SemanticCache, Depends(get_cache)]
+router = APIRouter(
+    prefix="/v1/semcache", tags=["semcache"], dependencies=[Depends(require_api_key), Depends(limit_body)]
+)
+
+
+@router.post("/lookup")
+def lookup(body: LookupBody, cache: Cache) -> dict:
+    res = _run(lambda: cache.lookup(body.question, body.tenant, category=body.category, model=body.model))
+    return dataclasses.asdict(res)
+
+
+@router.post("/insert")
+def insert(body: InsertBody, cache: Cache) -> dict:
+    res = _run(
+        lambda: cache.insert(
+            body.question,
+            body.answer,
+            body.tenant,
+            category=body.category,
+            model=body.model,
+            metadata=body.metadata,
+            ttl_s=body.ttl_s,
+        )
+    )
+    return dataclasses.asdict(res)
+
+
+@router.post("/invalidate")
+def invalidate(body: InvalidateBody, cache: Cache) -> dict:
+    removed = _run(
+        lambda: cache.invalidate(
+            body.tenant,
+            entry_id=body.entry_id,
+            question=body.question,
+            category=body.category,
+            model=body.model,
+        )
+    )
+    return {"removed": removed}
+
+
+@router.get("/categories")
+def categories(cache: Cache) -> dict:
+    return {"default": cache.categories.default, "categories": cache.categories.to_list()}
+
+
+@router.put("/categories/{name}")
+def update_category(name: str, body: CategoryBody, cache: Cache) -> dict:
+    fields = body.model_dump(exclude_none=True)
+    return _run(lambda: cache.update_category(name, **fields)).to_dict()
+
+
+@router.post("/load")
+def set_load(body: LoadBody, cache: Cache) -> dict:
+    relaxed = _run(lambda: cache.set_load(body.model, body.load))
+    return {"model": body.model, "load": body.load, "relaxed": relaxed}
+
+
+@router.get("/stats")
+def stats(cache: Cache) -> dict:
+    return cache.stats()

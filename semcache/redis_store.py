@@ -1,0 +1,109 @@
+"""Documents in Redis, one key per entry with a native expiry (PXAT), so Redis drops stale entries too."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from collections.abc import Iterator
+
+import redis
+
+from semcache.store import Entry, StoreUnavailable
+
+log = logging.getLogger(__name__)
+_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "kvfuse:semcache:", timeout_s: float = 2.0) -> None:
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis url must start with redis://, rediss:// or unix://, got {url!r}")
+        self.prefix = prefix
+        self.url = re.sub(r"//[^@/]*@", "//***@", url)  # shown in errors and health: never a password
+        self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._epoch_key = f"{prefix}epoch"
+
+    def _key(self, entry_id: str) -> str:
+        return f"{self.prefix}e:{entry_id}"
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"redis at {self.url} is unreachable: {exc}") from exc
+
+    def epoch(self) -> str | None:
+        raw = self._call(self._r.get, self._epoch_key)
+        return raw.decode() if raw else None
+
+    def ensure_epoch(self) -> str:
+        self._call(self._r.set, self._epoch_key, uuid.uuid4().hex, None, None, True)  # NX
+        return self.epoch() or ""
+
+    def put(self, entry: Entry) -> None:
+        # A TTL is mandatory here: an entry without expiry would outlive its category's staleness bound.
+        pxat = int(entry.expires * 1000) if math.isfinite(entry.expires) else None
+        self._call(lambda: self._r.set(self._key(entry.id), entry.encode(), pxat=pxat))
+
+    def get_many(self, ids: list[str]) -> tuple[dict[str, Entry], str | None]:
+        """Documents and the epoch in one round trip, so a flushed Redis is noticed by the same lookup."""
+
+        def run():
+            pipe = self._r.pipeline(transaction=False)
+            pipe.mget([self._key(i) for i in ids]) if ids else pipe.ping()
+            pipe.get(self._epoch_key)
+            return pipe.execute()
+
+        raws, epoch = self._call(run)
+        found = {}
+        for entry_id, raw in zip(ids, raws if ids else [], strict=True):
+            entry = self._decode(entry_id, raw)
+            if entry is not None:
+                found[entry_id] = entry
+        return found, epoch.decode() if epoch else None
+
+    def _decode(self, entry_id: str, raw: bytes | None) -> Entry | None:
+        if raw is None:
+            return None
+        try:
+            entry = Entry.decode(raw)
+        except ValueError as exc:
+            log.warning("semcache: dropping corrupt document %s: %s", entry_id, exc)
+            return None
+        return entry if entry.id == entry_id else None
+
+    def delete(self, ids: list[str]) -> None:
+        if ids:
+            self._call(self._r.delete, *[self._key(i) for i in ids])
+
+    def scan(self, batch: int = 1000) -> Iterator[Entry]:
+        keys: list[bytes] = []
+        for key in self._call(lambda: list(self._r.scan_iter(match=f"{self.prefix}e:*", count=batch))):
+            keys.append(key)
+            if len(keys) >= batch:
+                yield from self._load(keys)
+                keys = []
+        yield from self._load(keys)
+
+    def _load(self, keys: list[bytes]) -> Iterator[Entry]:
+        if not keys:
+            return
+        for key, raw in zip(keys, self._call(self._r.mget, keys), strict=True):
+            entry = self._decode(key.decode().rsplit(":", 1)[-1], raw)
+            if entry is not None:
+                yield entry
+
+    def clear(self) -> None:
+        keys = self._call(lambda: list(self._r.scan_iter(match=f"{self.prefix}*", count=1000)))
+        for start in range(0, len(keys), 1000):
+            self._call(self._r.delete, *keys[start : start + 1000])
+
+    def describe(self) -> dict:
+        try:
+            self._r.ping()
+            up = True
+        except _ERRORS:
+            up = False
+        return {"backend": "redis", "url": self.url, "prefix": self.prefix, "reachable": up}

@@ -1,0 +1,194 @@
+"""The REST routes through a real uvicorn process, the CLI as a subprocess, and the LangChain adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "test-key-123"
+Q = "What is cognitive dissonance?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(redis_url: str, prefix: str, folder: Path, shared_data: Path) -> dict:
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        KVFUSE_API_KEY=KEY,
+        KVFUSE_SEMCACHE_REDIS_URL=redis_url,
+        KVFUSE_SEMCACHE_REDIS_PREFIX=prefix,
+        KVFUSE_SEMCACHE_FOLDER=str(folder),
+        KVFUSE_SEMCACHE_CLASSIFIER_EXAMPLES=str(shared_data / "semcache" / "domain_questions_dev.json"),
+        KVFUSE_SEMCACHE_MAX_BODY_BYTES="65536",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def env(redis_url, tmp_path_factory, shared_data):
+    """One Redis prefix and folder for this module's server and CLI processes, cleaned up afterwards."""
+    import redis
+
+    prefix = f"kvfuse-test:semcache-http:{os.getpid()}:{time.monotonic_ns()}:"
+    yield _env(redis_url, prefix, tmp_path_factory.mktemp("semcache-http"), shared_data)
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=prefix + "*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture(scope="module")
+def server(env):
+    port = _free_port()
+    if (ROOT / "server.py").is_file() and "semcache" in (ROOT / "server.py").read_text():
+        target = ["server:create_app"]
+    else:
+        target = ["--app-dir", str(Path(__file__).parent), "semcache_testapp:create_app"]
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", *target, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            httpx.get(base + "/docs", timeout=1)
+            break
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_rest_routes(server):
+    h = {"X-API-Key": KEY}
+    with httpx.Client(base_url=server + "/v1/semcache", headers=h, timeout=120) as c:
+        r = c.post(
+            "/insert",
+            json={
+                "question": Q,
+                "answer": "A mental conflict",
+                "tenant": "acme",
+                "metadata": {"source": "test"},
+            },
+        )
+        assert r.status_code == 200 and r.json()["stored"], r.text
+        hit = c.post(
+            "/lookup", json={"question": "Can you explain cognitive dissonance?", "tenant": "acme"}
+        ).json()
+        assert hit["hit"] and hit["answer"] == "A mental conflict" and hit["metadata"] == {"source": "test"}
+        other = c.post("/lookup", json={"question": Q, "tenant": "globex"}).json()
+        assert not other["hit"] and other["answer"] is None
+        cats = c.get("/categories").json()
+        assert cats["default"] == "default" and any(x["name"] == "health" for x in cats["categories"])
+        upd = c.put("/categories/psychology", json={"threshold": 0.99})
+        assert upd.status_code == 200 and upd.json()["threshold"] == 0.99
+        assert not c.post(
+            "/lookup", json={"question": "Can you explain cognitive dissonance?", "tenant": "acme"}
+        ).json()["hit"]
+        assert c.post("/load", json={"model": "default", "load": 0.9}).json()["relaxed"] is True
+        stats = c.get("/stats").json()
+        assert stats["metrics"]["psychology"]["hits"] == 1 and stats["entries"]["psychology"]["entries"] == 1
+        assert c.post("/invalidate", json={"tenant": "acme", "question": Q}).json() == {"removed": 1}
+        assert not c.post("/lookup", json={"question": Q, "tenant": "acme"}).json()["hit"]
+        c.put("/categories/psychology", json={"threshold": 0.88})  # the module shares one server
+        c.post("/load", json={"model": "default", "load": 0.0})
+
+
+def test_rest_errors_and_auth(server):
+    h = {"X-API-Key": KEY}
+    url = server + "/v1/semcache"
+    body = {"question": Q, "tenant": "acme"}
+    assert httpx.post(url + "/lookup", json=body).status_code == 401
+    assert httpx.post(url + "/lookup", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(url + "/lookup", json=body, headers=bearer, timeout=120).status_code == 200
+    cases = [
+        ({"question": "", "tenant": "acme"}, 422, "empty"),
+        ({"question": 42, "tenant": "acme"}, 422, "string"),
+        ({"question": "x" * 3000, "tenant": "acme"}, 422, "limit is 2048"),
+        ({"question": Q, "tenant": "acme", "category": "nope"}, 422, "unknown category"),
+        ({"question": Q, "tenant": "acme", "colour": "red"}, 422, "colour"),
+        ({"question": Q}, 422, "tenant"),
+    ]
+    for payload, status, text in cases:
+        r = httpx.post(url + "/lookup", json=payload, headers=h, timeout=60)
+        assert r.status_code == status and text in r.text, (payload, r.status_code, r.text)
+    huge = {"question": Q, "answer": "y" * 100_000, "tenant": "acme"}
+    r = httpx.post(url + "/insert", json=huge, headers=h, timeout=60)
+    assert r.status_code == 413 and "limit" in r.text
+    r = httpx.post(url + "/lookup", content=b"{not json", headers={**h, "content-type": "application/json"})
+    assert r.status_code == 422
+    r = httpx.put(url + "/categories/health", json={"threshold": 7}, headers=h)
+    assert r.status_code == 422 and "threshold" in r.text
+
+
+def _cli(env: dict, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "semcache.cli", "semcache", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_cli_remote_and_local(env, server):
+    ins = _cli(env, "insert", Q, "A mental conflict", "--tenant", "cli", "--url", server)
+    assert ins["stored"] and ins["category"] == "psychology"
+    # Another process, local mode on the same Redis prefix: it rebuilds its index from Redis at start.
+    res = _cli(env, "lookup", "Define cognitive dissonance", "--tenant", "cli")
+    assert res["hit"] and res["answer"] == "A mental conflict"
+    assert _cli(env, "stats", "--url", server)["entries"]["psychology"]["entries"] >= 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "semcache.cli", "semcache", "lookup", "", "--tenant", "cli"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "empty" in bad.stderr
+
+
+def test_langchain_cache_adapter(make_cache):
+    from langchain_core.globals import set_llm_cache
+    from langchain_core.language_models.fake import FakeListLLM
+
+    from semcache.langchain import KvfuseSemanticCache
+
+    cache = make_cache()
+    set_llm_cache(KvfuseSemanticCache(cache, tenant="lc"))
+    try:
+        llm = FakeListLLM(responses=["first answer", "second answer", "third answer"])
+        assert llm.invoke(Q) == "first answer"
+        # A paraphrase is served from the cache: the fake LLM would have said "second answer".
+        assert llm.invoke("Can you explain cognitive dissonance?") == "first answer"
+        other = FakeListLLM(responses=["other config"], cache=KvfuseSemanticCache(cache, tenant="lc2"))
+        assert other.invoke(Q) == "other config"  # another tenant: no answer crosses over
+
+        def stored(tenant):
+            return sum(cache.ledger.usage(s)[0] for s in cache.ledger.scopes() if s.tenant == tenant)
+
+        assert stored("lc") == 1 and stored("lc2") == 1
+        KvfuseSemanticCache(cache, tenant="lc").clear()
+        assert stored("lc") == 0 and stored("lc2") == 1
+    finally:
+        set_llm_cache(None)

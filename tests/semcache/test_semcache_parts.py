@@ -1,0 +1,221 @@
+"""The parts on their own: embedder, index, documents, categories, classifier, load policy, verifier."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from semcache.categories import Category, CategorySet
+from semcache.classify import CentroidClassifier, cross_validate, load_examples
+from semcache.index import IndexParams, VectorIndex
+from semcache.load_policy import LoadPolicy, LoadPolicyConfig
+from semcache.local_store import LocalStore
+from semcache.redis_store import RedisStore
+from semcache.scope import Scope
+from semcache.store import Entry
+from semcache.verify import Verifier, lexical_features
+
+SORTS = ["How do I sort a list ascending in Python?", "How do I sort a list descending in Python?"]
+
+
+def test_embeddings_match_sentence_transformers(embedder):
+    from sentence_transformers import SentenceTransformer
+
+    texts = SORTS + ["What is cognitive dissonance?", "Can you explain cognitive dissonance?", "ok"]
+    ours = embedder.embed(texts)
+    ref = SentenceTransformer(str(embedder.folder), device="cpu").encode(texts, normalize_embeddings=True)
+    assert ours.shape == (5, 384) and ours.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert np.abs(ours - ref).max() < 1e-4
+    # Batched (padded) and one-by-one give the same vectors, and a repeat comes from the LRU.
+    single = np.stack([embedder.embed([t])[0] for t in reversed(texts)])[::-1]
+    assert np.abs(single - ours).max() < 1e-5
+
+
+def test_embedder_rejects_non_text(embedder):
+    with pytest.raises(TypeError, match="list of str"):
+        embedder.embed("not a list")
+    with pytest.raises(TypeError, match="int"):
+        embedder.embed(["fine", 3])
+
+
+def _unit(rng, n, dim=16):
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_index_grows_deletes_rebuilds_and_persists(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = _unit(rng, 300)
+    index = VectorIndex(16, IndexParams(initial_capacity=8, rebuild_deleted_fraction=0.25))
+    for i, v in enumerate(vecs):
+        index.add(f"e{i}", v)  # 8 -> 512 by doubling
+    assert len(index) == 300
+    assert index.search(vecs[123], 1)[0][0] == "e123"
+    for i in range(0, 200):
+        assert index.remove(f"e{i}")
+    assert not index.remove("e0")
+    assert len(index) == 100 and index._deleted < 0.25 * index._next  # rebuilt, tombstones gone
+    hits = index.search(vecs[5], 5)
+    assert all(int(h[0][1:]) >= 200 for h in hits)  # a deleted entry is never returned
+    assert index.search(vecs[250], 1)[0] == ("e250", pytest.approx(1.0, abs=1e-5))
+    index.save(tmp_path / "ix")
+    again = VectorIndex.load(tmp_path / "ix")
+    assert sorted(again.ids()) == sorted(index.ids())
+    assert again.search(vecs[299], 1)[0][0] == "e299"
+    with pytest.raises(ValueError, match="shape"):
+        index.search(np.zeros(8, np.float32), 1)
+    with pytest.raises(ValueError, match="already indexed"):
+        index.add("e250", vecs[0])
+    (tmp_path / "ix" / "meta.json").write_text("{broken")
+    with pytest.raises(ValueError, match="unreadable"):
+        VectorIndex.load(tmp_path / "ix")
+
+
+def _entry(i: int, tenant: str = "t", expires: float | None = None) -> Entry:
+    vec = np.full(4, 0.5, np.float32)
+    return Entry(
+        f"id{i}",
+        Scope(tenant, "m", "default"),
+        f"q{i}",
+        f"a{i}",
+        vec,
+        {"n": i},
+        expires=expires if expires is not None else time.time() + 60,
+    )
+
+
+def test_entry_codec_and_corruption():
+    e = _entry(1)
+    back = Entry.decode(e.encode())
+    assert (back.id, back.scope, back.question, back.answer, back.metadata) == (
+        e.id,
+        e.scope,
+        "q1",
+        "a1",
+        {"n": 1},
+    )
+    np.testing.assert_array_equal(back.vector, e.vector)
+    with pytest.raises(ValueError, match="corrupt"):
+        Entry.decode(e.encode()[:-7])
+    with pytest.raises(ValueError, match="corrupt"):
+        Entry.decode(b"\x93\x01\x02")
+
+
+def test_redis_store_ttl_epoch_and_corrupt_documents(redis_url, redis_prefix):
+    import redis
+
+    store = RedisStore(redis_url, redis_prefix)
+    epoch = store.ensure_epoch()
+    assert store.ensure_epoch() == epoch  # set once, never replaced while present
+    store.put(_entry(1))
+    store.put(_entry(2, expires=time.time() + 0.3))
+    client = redis.Redis.from_url(redis_url)
+    assert 0 < client.pttl(f"{redis_prefix}e:id2") <= 300  # Redis itself expires it
+    client.set(f"{redis_prefix}e:id3", b"\x00garbage")
+    docs, seen_epoch = store.get_many(["id1", "id2", "id3", "nope"])
+    assert set(docs) == {"id1", "id2"} and seen_epoch == epoch
+    time.sleep(0.4)
+    assert set(store.get_many(["id1", "id2"])[0]) == {"id1"}
+    assert [e.id for e in store.scan()] == ["id1"]
+    store.clear()
+    assert store.epoch() is None and store.get_many(["id1"])[0] == {}
+
+
+def test_redis_store_names_a_dead_server():
+    from semcache.store import StoreUnavailable
+
+    store = RedisStore("redis://user:hunter2@127.0.0.1:1/0", "x:", timeout_s=0.5)
+    with pytest.raises(StoreUnavailable, match="unreachable") as err:
+        store.get_many(["a"])
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ValueError, match="redis url"):
+        RedisStore("localhost:6379")
+
+
+def test_local_store_persists_and_skips_corrupt_and_expired(tmp_path):
+    store = LocalStore(tmp_path)
+    epoch = store.ensure_epoch()
+    store.put(_entry(1))
+    store.put(_entry(2, expires=time.time() + 0.2))
+    store.put(_entry(3))
+    store._path("id3").write_bytes(b"torn")
+    time.sleep(0.3)
+    again = LocalStore(tmp_path)
+    assert again.epoch() == epoch
+    assert [e.id for e in again.scan()] == ["id1"]
+    assert not again._path("id2").exists()  # the expired file is removed at load
+
+
+def test_categories_validate_and_update():
+    cats = CategorySet()
+    assert cats.get("health").strict and not cats.get("private").cacheable
+    with pytest.raises(ValueError, match="unknown category 'nope'"):
+        cats.get("nope")
+    with pytest.raises(ValueError, match="threshold"):
+        Category("x", threshold=1.5)
+    with pytest.raises(ValueError, match="ttl_s"):
+        Category("x", ttl_s=0)
+    with pytest.raises(ValueError, match="name"):
+        Category("Bad Name!")
+    with pytest.raises(ValueError, match="unknown category fields"):
+        cats.update("health", colour="red")
+    assert cats.update("health", threshold=0.97).threshold == 0.97
+    assert cats.update("fresh", threshold=0.8).name in cats.names()
+    with pytest.raises(ValueError, match="default category"):
+        CategorySet([Category("a")], default="b")
+
+
+def test_classifier_cross_validated_accuracy(embedder, shared_data):
+    questions, labels = load_examples(shared_data / "semcache" / "domain_questions_dev.json")
+    vecs = embedder.embed(questions)
+    acc = cross_validate(vecs, labels, folds=5)
+    # 14 domains, chance is ~0.08; nearest centroid on MiniLM embeddings reaches well above it.
+    assert acc >= 0.55, acc
+    clf = CentroidClassifier.fit(vecs, labels)
+    pred = clf.predict(embedder.embed(["What are the symptoms of type 2 diabetes and how is it treated?"]))[0]
+    assert pred.category == "health"
+
+
+def test_load_policy_relaxes_and_restores_with_hysteresis():
+    policy = LoadPolicy(
+        LoadPolicyConfig(high=0.8, low=0.6, threshold_step=0.03, threshold_floor=0.85, ttl_factor=2.0)
+    )
+    loose, strict, low = (
+        Category("a", threshold=0.90),
+        Category("b", threshold=0.95, strict=True),
+        Category("c", threshold=0.86),
+    )
+    assert policy.threshold(loose, "m") == 0.90
+    assert policy.set_load("m", 0.85) is True
+    assert policy.threshold(loose, "m") == pytest.approx(0.87)
+    assert policy.threshold(low, "m") == 0.85  # the floor caps the relaxation
+    assert policy.threshold(strict, "m") == 0.95 and policy.ttl(strict, "m") == strict.ttl_s
+    assert policy.ttl(loose, "m") == 2 * loose.ttl_s
+    assert policy.set_load("m", 0.7) is True  # between low and high: stays relaxed (hysteresis)
+    assert policy.set_load("m", 0.6) is False
+    assert policy.threshold(loose, "m") == 0.90
+    assert policy.set_load("m", 0.79) is False  # below high: stays normal
+    assert policy.threshold(loose, "other-model") == 0.90
+    with pytest.raises(ValueError, match="load"):
+        policy.set_load("m", 1.5)
+    with pytest.raises(ValueError, match="hysteresis"):
+        LoadPolicyConfig(high=0.5, low=0.6)
+
+
+def test_verifier_weights_load_and_refuse_number_and_negation_changes(embedder):
+    verifier = Verifier.load()
+    pairs = [
+        ("How do I learn Python quickly?", "What is the fastest way to learn Python?"),
+        ("What is 15 percent of 80?", "What is 25 percent of 80?"),
+        ("Why can't I sleep at night?", "Why can I sleep at night?"),
+    ]
+    p = []
+    for a, b in pairs:
+        u, v = embedder.embed([a, b])
+        p.append(verifier.p_same(a, b, u, v))
+    assert p[0] > p[1] and p[0] > p[2]
+    assert lexical_features(*pairs[1], 0.9)[4] == 1.0  # number mismatch feature
+    assert lexical_features(*pairs[2], 0.9)[5] == 1.0  # negation mismatch feature
