@@ -127,7 +127,8 @@ def _peek(store: TieredStore, key: str) -> Entry | None:
             entry = tier.peek(key) if isinstance(tier, HostTier) else tier.get(key)
             if entry is not None:
                 return entry
-    return None
+    # not in a tier: on its way down (queued for a slow tier), where the store's get finds it
+    return store.get(key, copy=False) if store.contains(key) else None
 
 
 def _describe(entry: Entry) -> dict[str, Any]:

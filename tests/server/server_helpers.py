@@ -81,3 +81,11 @@ def start_server(home: Path, env: dict[str, str] | None = None, args: list[str] 
 def kv(tokens: int, seed: int = 0, layout: KVLayout = LAYOUT) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(layout.chunk_shape(tokens), generator=g).to(layout.dtype)
+
+
+def settled(client: KVClient, timeout_s: float = 20.0) -> dict:
+    """Stats once the write-behind queue is empty (demotions to disk/Redis happen on a worker thread)."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := client.stats())["pending_writes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stats

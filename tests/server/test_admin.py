@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 import torch
-from server_helpers import LAYOUT, REPO, kv, start_server
+from server_helpers import LAYOUT, REPO, kv, settled, start_server
 
 from engine.cli import main
 from kvstore import Entry, Namespace
@@ -115,7 +115,7 @@ def test_clear_one_tier_or_everything(scratch):
     client = scratch.client()
     client.clear()
     entries = _fill(client, "clear", 8)  # 2 fit in host, the rest are demoted to disk
-    tiers = client.stats()["tiers"]
+    tiers = settled(client)["tiers"]
     assert tiers["disk"]["entries"] >= 6
     out = client.clear("host")
     assert out == {"cleared": "host", "removed": tiers["host"]["entries"]}
