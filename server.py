@@ -3,7 +3,8 @@
     create_app(settings=None, store=None) -> FastAPI
 
 Routes: `/v1/kv/...` (data plane: kvstore/service/kv_api.py), `/v1/admin/...` (admin: admin_api.py),
-`/metrics` (Prometheus), `/docs` (OpenAPI), plus the routers of other packages below. With
+`/metrics` (Prometheus), `/docs` (OpenAPI), `/v1/semcache/...` (semcache/api.py), plus any other
+package's router added below. With
 `settings.lm_port` set, the same process also listens for LMCache's lm:// protocol (kvstore/lmserver.py)
 over the same store. Settings come from `KVFUSE_*` variables and an optional TOML file
 (kvstore/service/settings.py). The store is opened at startup and closed (queued writes finished, memory
@@ -39,6 +40,7 @@ from kvstore.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvstore.service.metrics import Metrics, Timing
 from kvstore.service.settings import ServerSettings
 from kvstore.store import TieredStore
+from semcache import api as semcache_api
 
 log = logging.getLogger("kvfuse.server")
 
@@ -63,6 +65,7 @@ def create_app(settings: ServerSettings | None = None, store: TieredStore | None
     app.add_middleware(Timing, metrics=lambda: app.state.metrics)  # outermost: times 413s too
     app.include_router(kv_api.router)
     app.include_router(admin_api.router)
+    app.include_router(semcache_api.router)
     app.add_api_route("/metrics", _metrics, methods=["GET"], tags=["admin"])
     return app
 
