@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from blend import api as rag_api
 from engine import __version__
 from kvstore.lmserver import LmServer
 from kvstore.service import admin_api, kv_api
@@ -66,6 +67,7 @@ def create_app(settings: ServerSettings | None = None, store: TieredStore | None
     app.include_router(kv_api.router)
     app.include_router(admin_api.router)
     app.include_router(semcache_api.router)
+    app.include_router(rag_api.router)
     app.add_api_route("/metrics", _metrics, methods=["GET"], tags=["admin"])
     return app
 
