@@ -9,7 +9,13 @@ import sys
 from collections.abc import Sequence
 
 # Packages that contribute subcommands: each has a `cli.py` with `register(subparsers)`.
-SUBCOMMAND_MODULES: list[str] = ["kvstore.cli", "kvstore.server_cli", "retrieval.cli", "blend.cli"]
+SUBCOMMAND_MODULES: list[str] = [
+    "kvstore.cli",
+    "kvstore.server_cli",
+    "retrieval.cli",
+    "blend.cli",
+    "compress.cli",
+]
 
 
 def _info(args: argparse.Namespace) -> int:
