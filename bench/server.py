@@ -27,11 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import serverproc  # noqa: E402
-
 from kvstore import Entry, KVLayout, Namespace  # noqa: E402
 from kvstore.http_client import KVClient  # noqa: E402
 from kvstore.remote import RemoteConnector  # noqa: E402
+from kvstore.service.launch import ServerProcess, launch  # noqa: E402
 
 LAYOUT = KVLayout(30, 3, 64, torch.float16, 256)
 LM_SHAPE = (2, 30, 256, 192)  # the same bytes as LMCache's KV_2LTD chunk
@@ -128,7 +127,7 @@ def bench_transfers(
     return {f"{name}_gibs": nbytes / min(ts) / GIB for name, ts in times.items()}
 
 
-def bench_latency(server: serverproc.ServerProc, lookups: int) -> dict[str, float]:
+def bench_latency(server: ServerProcess, lookups: int) -> dict[str, float]:
     remote = RemoteConnector(server.url, Namespace("bench", LAYOUT))
     tokens = list(range(2048))
     remote.store(tokens[:1024], torch.zeros(LAYOUT.chunk_shape(1024), dtype=torch.float16))
@@ -180,7 +179,7 @@ def main() -> None:
     result["copy_gibs"] = nbytes / _best(lambda: [t.clone() for t in data]) / GIB
     host = f"{(2 * 3 * nbytes + (256 << 20)) >> 20}MiB"  # every round of both protocols stays in RAM
     with tempfile.TemporaryDirectory() as home:
-        server = serverproc.start(Path(home), {"KVFUSE_HOST_BYTES": host, "KVFUSE_DISK_BYTES": "0"})
+        server = launch(Path(home), {"KVFUSE_HOST_BYTES": host, "KVFUSE_DISK_BYTES": "0"})
         try:
             result.update(bench_transfers(KVClient(server.url), server.lm_port, data))
             result.update(bench_latency(server, lookups))

@@ -32,10 +32,9 @@ import xxhash
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import serverproc  # noqa: E402
-
 from kvstore import Entry, KVLayout  # noqa: E402
 from kvstore.http_client import KVClient  # noqa: E402
+from kvstore.service.launch import ServerProcess, launch  # noqa: E402
 
 LAYOUT = KVLayout(30, 3, 64, torch.float16, 64)
 TOKENS = 64
@@ -119,7 +118,7 @@ def _percentile(samples: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(len(s) * q))] * 1e3 if s else float("nan")
 
 
-def _sample_rss(server: serverproc.ServerProc, stop: threading.Event, peak: list[int]) -> None:
+def _sample_rss(server: ServerProcess, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         peak[0] = max(peak[0], server.rss_bytes())
         stop.wait(0.5)
@@ -160,7 +159,7 @@ def main() -> None:
     keys = 4 * host_bytes // LAYOUT.chunk_nbytes(TOKENS)
     with tempfile.TemporaryDirectory() as home:
         env = {"KVFUSE_HOST_BYTES": f"{args.host_mib}MiB", "KVFUSE_DISK_BYTES": f"{2 * args.host_mib}MiB"}
-        server = serverproc.start(Path(home), env)
+        server = launch(Path(home), env)
         try:
             rest = server.rss_bytes()
             stop, peak = threading.Event(), [rest]
