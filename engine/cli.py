@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "retrieval.cli",
     "blend.cli",
     "compress.cli",
+    "semcache.cli",
 ]
 
 

@@ -1,22 +1,23 @@
 """REST routes of the semantic cache: `/v1/semcache/...`, as a FastAPI router for server.py.
 
 The cache lives in `app.state.semcache`; when the app has not put one there, the first request builds
-it from `SemcacheSettings` (environment). Every route needs the API key when one is configured
-(`app.state.api_key`, else `$KVFUSE_API_KEY`): lookups return tenants' answers, so they are guarded too.
+it from `SemcacheSettings` (environment `KVFUSE_SEMCACHE_*`), and the router's lifespan saves its index
+snapshot at shutdown. Every route needs the server's API key when one is configured: lookups return
+tenants' answers, so they are guarded too. Bodies over `max_body_bytes` (512 KiB) get 413.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import os
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from kvstore.service.deps import require_api_key
 from semcache.cache import SemanticCache
 from semcache.settings import SemcacheSettings
 
@@ -76,18 +77,6 @@ def _settings(request: Request) -> SemcacheSettings:
     return settings
 
 
-def require_api_key(request: Request) -> None:
-    expected = getattr(request.app.state, "api_key", None) or os.environ.get("KVFUSE_API_KEY")
-    if not expected:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = given or auth[7:]
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
-
-
 async def limit_body(request: Request) -> None:
     limit = _settings(request).max_body_bytes
     declared = request.headers.get("content-length")
@@ -114,9 +103,20 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise HTTPException(422, str(exc)) from exc
 
 
+@asynccontextmanager
+async def _lifespan(app) -> AsyncIterator[None]:
+    yield
+    cache = getattr(app.state, "semcache", None)
+    if cache is not None:
+        cache.close()  # snapshot the indexes so the next start skips the HNSW rebuild
+
+
 Cache = Annotated[SemanticCache, Depends(get_cache)]
 router = APIRouter(
-    prefix="/v1/semcache", tags=["semcache"], dependencies=[Depends(require_api_key), Depends(limit_body)]
+    lifespan=_lifespan,
+    prefix="/v1/semcache",
+    tags=["semcache"],
+    dependencies=[Depends(require_api_key), Depends(limit_body)],
 )
 
 

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 
@@ -202,19 +201,3 @@ def _remote(client, args: argparse.Namespace) -> Any:
 def _print(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m semcache.cli ...`), the same as `kvfuse semcache ...`."""
-    parser = argparse.ArgumentParser(prog="kvfuse")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"kvfuse semcache: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

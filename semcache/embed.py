@@ -107,6 +107,11 @@ class Embedder:
                 self._remember(texts[i], v)
         return out
 
+    def clear_cache(self) -> None:
+        """Forget recent embeddings (benchmarks measuring the model itself need this)."""
+        with self._lock:
+            self._lru.clear()
+
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 

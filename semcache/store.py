@@ -19,7 +19,7 @@ import numpy as np
 from semcache.scope import Scope
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(ConnectionError):
     """The document store cannot be reached (a dead Redis); the cache misses instead of failing."""
 
 

@@ -1,0 +1,315 @@
+"""Benchmark of the semantic cache: precision/recall on QQP, lookup latency at 10k/100k entries, embedding.
+
+    .venv/bin/python bench/semcache.py --quick    # 4,000 pairs; latency at 2k and 10k entries
+    .venv/bin/python bench/semcache.py            # all 40,427 pairs; latency at 10k and 100k entries
+
+Quality, on the held-out half of qqp_pairs_dev.json (split by a hash of text_a, the same split the
+shipped verifier was fitted on the other half of): for each pair, text_a is cached and text_b is asked;
+label 1 should hit, label 0 should not (precision = share of hits with label 1, recall = share of
+label-1 pairs that hit). Three deciders on the same embeddings: one global cosine threshold; per-
+category thresholds (query and entry classified by the nearest-centroid classifier; a pair whose two
+questions land in different categories is a miss, as in the cache, whose scopes are per category;
+each category's threshold is tuned on the training half for a target precision); and the verifier
+stage (cosine >= a floor, then P(same) >= cut). Plus the cache's default configuration as one point.
+
+Latency: a real SemanticCache on the local Redis (verifier on), N entries in one scope (the worst case
+for one search), queries are held-out QQP questions. Search + fetch excludes embedding (the query's
+vector is passed in); "end to end" includes it. Entries are real QQP embeddings; past the ~73k unique
+QQP questions, the rest are synthetic (a normalized mix of two real embeddings plus noise), said in
+the output. Prints one JSON line; writes bench/out/semcache.json and bench/out/semcache.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from semcache.cache import SemanticCache  # noqa: E402
+from semcache.categories import CategorySet  # noqa: E402
+from semcache.classify import CentroidClassifier, load_examples  # noqa: E402
+from semcache.config import SemcacheConfig, default_examples  # noqa: E402
+from semcache.embed import Embedder  # noqa: E402
+from semcache.fit import embed_cached, load_pairs, pair_matrix, split_pairs  # noqa: E402
+from semcache.verify import Verifier, opposite_words  # noqa: E402
+
+OUT = REPO / "bench" / "out"
+TARGETS = np.round(np.arange(0.70, 0.97, 0.01), 2)
+VERIFIER_FLOOR = 0.80
+
+
+def pr(hit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    n = int(hit.sum())
+    return (float(y[hit].mean()) if n else 1.0), float((hit & (y == 1)).sum() / max(int(y.sum()), 1))
+
+
+def categories_of(
+    pairs: list[dict], vec_of: dict, clf: CentroidClassifier, cats: CategorySet, min_score: float
+):
+    def cat(texts):
+        preds = clf.predict(np.stack([vec_of[t] for t in texts]))
+        return np.array(
+            [p.category if p.score >= min_score and p.category in cats else cats.default for p in preds]
+        )
+
+    return cat([p["text_a"] for p in pairs]), cat([p["text_b"] for p in pairs])
+
+
+def tune_thresholds(cos, y, ca, cb, target: float, min_pairs: int = 50) -> dict[str, float]:
+    """Per category, the lowest threshold reaching `target` precision on the training half."""
+    out = {"*": _lowest(cos, y, target)}
+    for c in np.unique(ca):
+        m = (ca == c) & (cb == c)
+        out[c] = _lowest(cos[m], y[m], target) if m.sum() >= min_pairs else out["*"]
+    return out
+
+
+def _lowest(cos, y, target) -> float:
+    order = np.argsort(-cos)
+    prec = np.cumsum(y[order]) / np.arange(1, len(y) + 1)
+    ok = np.nonzero(prec >= target)[0]
+    return float(cos[order][ok.max()]) if ok.size else 1.01
+
+
+def quality(pairs: list[dict], vec_of: dict, embedder: Embedder) -> dict:
+    train, test = split_pairs(pairs)
+    cats = CategorySet()
+    questions, labels = load_examples(default_examples())
+    clf = CentroidClassifier.fit(embedder.embed(questions), labels)
+    min_score = SemcacheConfig().min_category_score
+    Xtr, ytr = pair_matrix(train, vec_of)
+    Xte, yte = pair_matrix(test, vec_of)
+    cos_tr, cos_te = Xtr[:, 0], Xte[:, 0]
+    ca_tr, cb_tr = categories_of(train, vec_of, clf, cats, min_score)
+    ca_te, cb_te = categories_of(test, vec_of, clf, cats, min_score)
+    same_te = ca_te == cb_te
+    verifier = Verifier.load()
+    opp = np.array([opposite_words(p["text_b"], p["text_a"]) for p in test])
+    p_te = np.where(opp, 0.0, verifier.probability(Xte))
+    curves = {"global_threshold": [], "per_category_thresholds": [], "verifier": []}
+    for t in np.round(np.arange(0.70, 1.0, 0.01), 2):
+        curves["global_threshold"].append((float(t), *pr(cos_te >= t, yte)))
+    for target in TARGETS:
+        th = tune_thresholds(cos_tr, ytr, ca_tr, cb_tr, float(target))
+        per = np.array([th.get(c, th["*"]) for c in ca_te])
+        curves["per_category_thresholds"].append((float(target), *pr(same_te & (cos_te >= per), yte)))
+    for cut in np.round(np.arange(0.05, 1.0, 0.05), 2):
+        curves["verifier"].append((float(cut), *pr((cos_te >= VERIFIER_FLOOR) & (p_te >= cut), yte)))
+    default_th = np.array([cats.get(c).threshold for c in ca_te])
+    cacheable = np.array([cats.get(c).cacheable for c in ca_te])
+    default_hit = same_te & cacheable & (cos_te >= default_th) & (p_te >= verifier.cut)
+    default_no_verify = same_te & cacheable & (cos_te >= default_th)
+    return {
+        "train_pairs": len(train),
+        "held_out_pairs": len(test),
+        "held_out_positive": int(yte.sum()),
+        "same_category_share": float(same_te.mean()),
+        "curves": curves,
+        "best_precision_at_recall_0.40": {k: _best(v, 0.40) for k, v in curves.items()},
+        "cache_default": dict(zip(("precision", "recall"), pr(default_hit, yte), strict=True)),
+        "cache_default_without_verifier": dict(
+            zip(("precision", "recall"), pr(default_no_verify, yte), strict=True)
+        ),
+        "verifier_floor": VERIFIER_FLOOR,
+        "verifier_cut": verifier.cut,
+    }
+
+
+def _best(curve: list, min_recall: float) -> dict | None:
+    ok = [(p, r, k) for k, p, r in curve if r >= min_recall]
+    if not ok:
+        return None
+    p, r, k = max(ok)
+    return {"precision": p, "recall": r, "setting": k}
+
+
+def synthetic(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Realistic extra vectors: a normalized mix of two real question embeddings plus a little noise."""
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, len(real), n), rng.integers(0, len(real), n)
+    w = rng.uniform(0.6, 0.9, (n, 1)).astype(np.float32)
+    v = w * real[i] + (1 - w) * real[j] + rng.normal(0, 0.02, real[i].shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def latency(
+    size: int,
+    entries: list[str],
+    vec_of: dict,
+    queries: list[str],
+    embedder: Embedder,
+    redis_url: str,
+    n_queries: int,
+    n_e2e: int,
+) -> dict:
+    real = np.stack([vec_of[t] for t in entries[:size]])
+    vecs = real if len(real) >= size else np.concatenate([real, synthetic(real, size - len(real))])
+    texts = entries[:size] + [f"synthetic question {i}?" for i in range(size - len(real))]
+    answer = "A cached answer of about half a kilobyte. " * 12
+    prefix = f"kvfuse-bench:semcache:{os.getpid()}:{size}:"
+    cfg = SemcacheConfig(redis_url=redis_url, redis_prefix=prefix, folder=None, classifier_examples=None)
+    cache = SemanticCache(cfg, embedder=embedder)
+    try:
+        t0 = time.perf_counter()
+        for s in range(0, size, 2000):
+            cache.insert_many(
+                texts[s : s + 2000],
+                [answer] * len(texts[s : s + 2000]),
+                "bench",
+                categories=["default"] * len(texts[s : s + 2000]),
+                vectors=vecs[s : s + 2000],
+            )
+        insert_s = time.perf_counter() - t0
+        qv = embedder.embed(queries[:n_queries])
+        warm = [
+            cache.lookup(q, "bench", category="default", vector=v)
+            for q, v in zip(queries[:50], qv[:50], strict=True)
+        ]
+        assert all(not w.hit or w.answer == answer for w in warm)
+        res = [
+            cache.lookup(q, "bench", category="default", vector=v)
+            for q, v in zip(queries[:n_queries], qv, strict=True)
+        ]
+        sf = np.array([r.timings_ms["search_fetch"] for r in res])
+        fetched = np.array([r.similarity is not None and r.similarity >= r.threshold for r in res])
+        e2e_q = queries[n_queries : n_queries + n_e2e]
+        embedder.clear_cache()  # end to end means the model runs: no query may come from the LRU
+        e2e = np.array([cache.lookup(q, "bench", category="default").timings_ms["total"] for q in e2e_q])
+        return {
+            "entries": size,
+            "synthetic_entries": int(size - len(real)),
+            "insert_per_s": size / insert_s,
+            "queries": n_queries,
+            "search_fetch_ms_p50": float(np.percentile(sf, 50)),
+            "search_fetch_ms_p99": float(np.percentile(sf, 99)),
+            "with_document_fetch": int(fetched.sum()),
+            "with_fetch_ms_p50": float(np.percentile(sf[fetched], 50)) if fetched.any() else None,
+            "with_fetch_ms_p99": float(np.percentile(sf[fetched], 99)) if fetched.any() else None,
+            "end_to_end_queries": len(e2e_q),
+            "end_to_end_ms_p50": float(np.percentile(e2e, 50)),
+            "end_to_end_ms_p99": float(np.percentile(e2e, 99)),
+            "hit_rate": float(np.mean([r.hit for r in res])),
+        }
+    finally:
+        cache.store.clear()
+
+
+def embedding_speed(embedder: Embedder, texts: list[str]) -> dict:
+    out = {}
+    for batch in (1, 32, 128):
+        fresh = Embedder(embedder.config.__class__(batch_size=batch, lru_size=0))
+        sample = texts[: 64 if batch == 1 else 512]
+        t0 = time.perf_counter()
+        fresh.embed(sample)
+        out[f"batch_{batch}_per_s"] = len(sample) / (time.perf_counter() - t0)
+    single = Embedder(embedder.config.__class__(lru_size=0))
+    times = []
+    for t in texts[:100]:
+        t0 = time.perf_counter()
+        single.embed_one(t)
+        times.append((time.perf_counter() - t0) * 1e3)
+    out["one_query_ms_p50"], out["one_query_ms_p99"] = (
+        float(np.percentile(times, 50)),
+        float(np.percentile(times, 99)),
+    )
+    return out
+
+
+def llm_ms(tokens: int) -> float:
+    """Median time for the default model to answer a short question (prefill + `tokens` greedy tokens)."""
+    import torch
+
+    from engine.loader import load_model
+
+    loaded = load_model()
+    ids = loaded.tokenizer("What are the health benefits of regular exercise?", return_tensors="pt").input_ids
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def plot(q: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name, style in (("global_threshold", "o-"), ("per_category_thresholds", "s-"), ("verifier", "^-")):
+        pts = sorted((r, p) for _, p, r in q["curves"][name])
+        ax.plot([r for r, _ in pts], [p for _, p in pts], style, ms=3, label=name.replace("_", " "))
+    d = q["cache_default"]
+    ax.plot([d["recall"]], [d["precision"]], "k*", ms=12, label="cache defaults")
+    ax.axhline(0.90, color="grey", lw=0.6, ls="--")
+    ax.axvline(0.40, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("recall (label-1 pairs served)")
+    ax.set_ylabel("precision (hits that are label 1)")
+    ax.set_title(f"QQP held-out pairs (n={q['held_out_pairs']}), all-MiniLM-L6-v2")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0.6, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4,000 pairs; latency at 2k and 10k entries")
+    ap.add_argument("--sizes", type=int, nargs="+", help="entry counts for the latency part")
+    ap.add_argument("--redis", default=os.environ.get("KVFUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--llm-ms", type=float, help="time of a full LLM answer (default: measured, 64 tokens)")
+    ap.add_argument("--plot", type=Path, default=OUT / "semcache.png")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    pairs = load_pairs(limit=4000 if args.quick else None)
+    sizes = args.sizes or ([2000, 10000] if args.quick else [10000, 100000])
+    n_queries, n_e2e = (500, 50) if args.quick else (2000, 100)
+    embedder = Embedder()
+    vec_of = embed_cached(embedder, [t for p in pairs for t in (p["text_a"], p["text_b"])])
+    q = quality(pairs, vec_of, embedder)
+    rng = np.random.default_rng(0)
+    queries = sorted({p["text_b"] for p in split_pairs(pairs)[1]})
+    rng.shuffle(queries)
+    queries = queries[: n_queries + n_e2e]
+    entries = sorted(set(vec_of) - set(queries))  # the asked questions themselves are never cached
+    rng.shuffle(entries)
+    lat = [latency(n, entries, vec_of, queries, embedder, args.redis, n_queries, n_e2e) for n in sizes]
+    emb = embedding_speed(embedder, queries)
+    t_llm = args.llm_ms or llm_ms(64)
+    big = lat[-1]
+    t_embed, t_search = emb["one_query_ms_p50"], big["search_fetch_ms_p50"]
+    t_fetch = (big["with_fetch_ms_p50"] or 0.0) - t_search if big["with_fetch_ms_p50"] else 0.0
+    report = {
+        "bench": "semcache",
+        "quick": args.quick,
+        "pairs": len(pairs),
+        "quality": {k: v for k, v in q.items() if k != "curves"},
+        "latency": lat,
+        "embedding": emb,
+        "llm_answer_ms": t_llm,
+        "break_even_hit_rate": (t_embed + t_search) / (t_llm - max(t_fetch, 0.0)),
+        "seconds": time.perf_counter() - t_start,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "semcache.json").write_text(json.dumps({**report, "curves": q["curves"]}, indent=2))
+    plot(q, args.plot)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
