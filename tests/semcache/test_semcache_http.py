@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 Q = "What is cognitive dissonance?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(redis_url: str, prefix: str, folder: Path, shared_data: Path) -> dict:
@@ -54,22 +47,13 @@ def env(redis_url, tmp_path_factory, shared_data):
 
 @pytest.fixture(scope="module")
 def server(env):
-    port = _free_port()
-    target = ["server:create_app"]
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", *target, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            httpx.get(base + "/docs", timeout=1)
-            break
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
+    """`kvfuse serve` (server.py) as a subprocess with this module's semcache settings."""
+    from kvstore.service.launch import launch
+
+    semcache_env = {k: v for k, v in env.items() if k.startswith("KVFUSE_") or k == "HF_HUB_OFFLINE"}
+    proc = launch(Path(env["KVFUSE_HOME"]), env=semcache_env)
+    yield proc.url
+    assert proc.stop() == 0, proc.log.read_text()[-3000:]
 
 
 def test_rest_routes(server):
