@@ -269,7 +269,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 NQ items of 8 passages + 1 MuSiQue item")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "blend.json"))
     ap.add_argument("--plot", default=str(REPO / "bench" / "out" / "blend.png"))
+    ap.add_argument("--report-from", default=None, help="summarize a saved *.partial.json instead of running")
     args = ap.parse_args()
+    if args.report_from:
+        results = json.loads(Path(args.report_from).read_text())
+        methods = list(results[0]["methods"])
+        report(args, results, methods, {"note": "not measured (report from partial results)"}, 0.0, "?")
+        return
     if args.quick:
         args.nq, args.nq_passages, args.musique = 3, 8, 1
     methods = [m for m in args.methods.split(",") if m]
@@ -309,13 +315,17 @@ def main() -> None:
         costs = cost_model(engine, fusers, results[0]["tokens"])
         for s in stores.values():
             s.close()
+    report(args, results, methods, costs, time.perf_counter() - t_start, loaded.model_id)
+
+
+def report(args, results: list[dict], methods: list[str], costs: dict, seconds: float, model: str) -> None:
     by_dataset = {
         d: summarize([r for r in results if r["dataset"] == d], methods)
         for d in sorted({r["dataset"] for r in results})
     }
-    report = {
+    out = {
         "bench": "blend",
-        "model": loaded.model_id,
+        "model": model,
         "threads": args.threads,
         "items": {d: sum(r["dataset"] == d for r in results) for d in by_dataset},
         "nq_passages": args.nq_passages,
@@ -324,21 +334,19 @@ def main() -> None:
             d: round(statistics.mean(r["tokens"] for r in results if r["dataset"] == d)) for d in by_dataset
         },
         "new_tokens": args.new_tokens,
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds": round(seconds, 1),
         "cost_model": costs,
         "summary": by_dataset,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**report, "results": results}, indent=1))
-    title = ", ".join(
-        f"{d}: {n} items, ~{report['mean_tokens'][d]} tokens" for d, n in report["items"].items()
-    )
+    Path(args.out).write_text(json.dumps({**out, "results": results}, indent=1))
+    title = ", ".join(f"{d}: {n} items, ~{out['mean_tokens'][d]} tokens" for d, n in out["items"].items())
     plot(
         by_dataset.get("nq") or next(iter(by_dataset.values())),
         Path(args.plot),
         f"SmolLM2-135M, CPU ({title})",
     )
-    print(json.dumps(report))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
