@@ -17,7 +17,14 @@ def kvfuse_home() -> Path:
     return Path(cache) / "kvfuse"
 
 
+# Where the team's machines keep the evaluation data when a checkout is not next to it (a CI clone).
+_KNOWN_DATA_DIRS = (Path("/work/shared/data"),)
+
+
 def data_dir() -> Path:
-    """The evaluation data (`../shared/data` next to the checkout unless `$KVFUSE_DATA` says otherwise)."""
+    """The evaluation data: `$KVFUSE_DATA`, else `../shared/data` next to the checkout, else a known place."""
     env = os.environ.get("KVFUSE_DATA")
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+    if env:
+        return Path(env).expanduser()
+    beside = REPO_ROOT.parent / "shared" / "data"
+    return next((p for p in (beside, *_KNOWN_DATA_DIRS) if p.is_dir()), beside)
