@@ -2,9 +2,9 @@
 
 Both follow the store's use: a context is prefilled and compressed on its own (its observation window is
 its own last tokens, no question in sight), then a continuation or a question runs over it.
-- Teacher forcing: the true continuation is fed one token at a time; each step's next-token
+- Teacher forcing: the true continuation is fed over the compressed cache; each position's next-token
   distribution is compared with the full cache's (KL(full || compressed), top-1 agreement) and scored
-  on the true next token (perplexity). Step times give decode ms per token.
+  on the true next token (perplexity). Single-token greedy steps afterwards give decode ms per token.
 - Passkey: "The pass key is NNNNN. Remember it. NNNNN is the pass key." hidden at a depth of real text;
   the question follows the compressed context; greedy decoding must produce the key.
 """
@@ -51,7 +51,7 @@ def tokens_of(engine: Engine, text: str) -> list[int]:
 
 @dataclass
 class Forced:
-    """Per-step log-probabilities `[steps, vocab]`, the true next tokens, and step times."""
+    """Per-step log-probabilities `[steps, vocab]`, the true next tokens, and single-step decode times."""
 
     logprobs: torch.Tensor
     targets: torch.Tensor
@@ -59,15 +59,27 @@ class Forced:
 
 
 @torch.inference_mode()
-def teacher_force(engine: Engine, cache: KVCache, continuation: list[int]) -> Forced:
-    """Feed `continuation[:-1]` one token at a time over `cache` (mutated); predict each next token."""
-    out, times = [], []
-    for token in continuation[:-1]:
-        start = time.perf_counter()
-        logits = engine.forward([token], cache=cache, attention=attend).logits[0, -1]
-        times.append((time.perf_counter() - start) * 1000)
-        out.append(torch.log_softmax(logits.float(), dim=-1))
-    return Forced(torch.stack(out), torch.tensor(continuation[1:]), times)
+def teacher_force(
+    engine: Engine, cache: KVCache, continuation: list[int], block: int = 32, timed: int = 8
+) -> Forced:
+    """Feed `continuation[:-1]` over `cache` (mutated) `block` rows per forward; predict each next token.
+
+    Rows of one block attend causally to each other, exactly as one-token steps would; a merging method
+    (Chelsea) merges the chunks that left its window at each block start instead of at each token.
+    Then `timed` single-token greedy steps measure decode time at that context length.
+    """
+    fed = continuation[:-1]
+    out = []
+    for start in range(0, len(fed), block):
+        logits = engine.forward(fed[start : start + block], cache=cache, attention=attend, logits="all")
+        out.append(torch.log_softmax(logits.logits[0].float(), dim=-1))
+    logprobs = torch.cat(out)
+    token, times = int(logprobs[-1].argmax()), []
+    for _ in range(timed):
+        begin = time.perf_counter()
+        token = int(engine.forward([token], cache=cache, attention=attend).logits[0, -1].argmax())
+        times.append((time.perf_counter() - begin) * 1000)
+    return Forced(logprobs, torch.tensor(continuation[1:]), times)
 
 
 def agreement(full: Forced, other: Forced) -> dict[str, float]:

@@ -28,7 +28,6 @@ from compress.think import ThinKLayer
 from compress.tokenset import TokenSetLayer
 from engine.attention import AttnCall, causal_attention
 from engine.kvcache import KVCache, LayerKV
-from kvstore.format import Entry
 from kvstore.layout import KVLayout
 from kvstore.store import TieredStore
 from kvstore.tiers.disk import DiskTier
@@ -228,9 +227,8 @@ def test_every_method_decodes_and_reports_its_bytes(engine, text_ids, full_logit
         assert ratio == 1.0  # zeroes channels, keeps the shape
     else:
         assert 0 < ratio < 0.9
-    new, cache = engine.decode(out.logits[0, -1], out.cache, 4, attention=attend, stop=set())
-    assert len(new) == 4 and cache.next_position == len(prompt) + 3
-    logits = continue_logits(engine, prefill(engine, prompt, compressor).cache, cont)
+    logits = continue_logits(engine, out.cache, cont)  # a 4-row forward, then 2 one-token steps
+    assert out.cache.next_position == len(prompt) + len(cont)
     assert torch.isfinite(logits).all()
     agree = (logits.argmax(-1) == full_logits[1:].argmax(-1)).float().mean()
     assert agree >= 0.5  # every method keeps most next-token choices on real text
@@ -252,14 +250,9 @@ def test_compressed_chunk_round_trips_through_the_disk_tier(engine, text_ids, tm
     assert loaded is not None and loaded.nbytes == entry.nbytes
     restored = from_entry(loaded)
     assert kv_bytes(restored) == kv_bytes(cache)
-    plain_bytes = Entry.plain("p", plain, cache_dense_chunk(engine, prompt)).nbytes
-    assert entry.nbytes < 0.9 * plain_bytes
+    assert entry.nbytes < 0.9 * plain.chunk_nbytes(len(prompt))
     expected = continue_logits(engine, cache, cont)
     assert max_diff(continue_logits(engine, restored, cont), expected) == 0
-
-
-def cache_dense_chunk(engine, prompt) -> torch.Tensor:
-    return engine.forward(prompt).cache.to_chunk()
 
 
 @pytest.mark.parametrize(
@@ -295,3 +288,33 @@ def test_bad_inputs_name_what_is_wrong(engine, text_ids):
     compressed = prefill(engine, prompt[:40], Chelsea(chunk=8)).cache
     with pytest.raises(TypeError, match="plain cache"), compressing(engine, ThinK(), compressed):
         pass
+
+
+def test_kvpress_think_zeroes_exactly_the_channels_think_drops(engine, text_ids):
+    """kvpress's ThinKPress (installed, or its transcription) ranks channels as ours does, but zeroes them."""
+    prompt, _ = text_ids
+    out, seen = observe(engine, prompt)
+    zeroed = compress_cache(engine, out.cache, KVPressThinK(lam=0.4), seen)
+    think = compress_cache(engine, out.cache, ThinK(lam=0.4), seen)
+    for z, t, full in zip(zeroed.layers, think.layers, out.cache.layers, strict=True):
+        assert z.k.shape == full.k.shape  # no bytes saved
+        dropped = z.k[0].eq(0).all(dim=1)  # [heads, dim]: channels zero at every token
+        kept = torch.zeros_like(dropped)
+        kept.scatter_(1, t.channels[0], True)
+        assert torch.equal(dropped, ~kept)
+
+
+def test_bench_baselines_hold_the_same_bytes_as_the_method_they_match(engine, text_ids):
+    from compress.bench import compressed_caches
+
+    prompt, _ = text_ids
+    out, seen = observe(engine, prompt)
+    caches = compressed_caches(engine, out.cache, seen)
+    held = {name: b for name, (_, _, b) in caches.items()}
+    assert held["full"] == len(prompt) * engine.spec.kv_bytes_per_token
+    for name, b in held.items():
+        if "@" in name:
+            target = held[name.split("@")[1]]
+            per_token = engine.spec.kv_bytes_per_token
+            assert abs(b - target) <= per_token, name  # within one token's KV
+    assert held["think_0.4"] < 0.85 * held["full"] and held["chelsea_0.25"] < 0.5 * held["full"]
