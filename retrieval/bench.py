@@ -235,6 +235,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
     for ax, title in ((axes[0], "passkey + needle accuracy"), (axes[1], "decode ms / token")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n} tokens" for n in lengths])
         ax.set_title(title)
+    axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=7)
     facts = result["rekv"]["facts"]
     axes[2].bar([str(f["block"]) for f in facts], [f["recall"] for f in facts])
