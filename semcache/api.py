@@ -120,40 +120,20 @@ router = APIRouter(
 )
 
 
+# Body fields are named like the cache's parameters, so a body passes through as keywords.
 @router.post("/lookup")
 def lookup(body: LookupBody, cache: Cache) -> dict:
-    res = _run(lambda: cache.lookup(body.question, body.tenant, category=body.category, model=body.model))
-    return dataclasses.asdict(res)
+    return dataclasses.asdict(_run(lambda: cache.lookup(**body.model_dump())))
 
 
 @router.post("/insert")
 def insert(body: InsertBody, cache: Cache) -> dict:
-    res = _run(
-        lambda: cache.insert(
-            body.question,
-            body.answer,
-            body.tenant,
-            category=body.category,
-            model=body.model,
-            metadata=body.metadata,
-            ttl_s=body.ttl_s,
-        )
-    )
-    return dataclasses.asdict(res)
+    return dataclasses.asdict(_run(lambda: cache.insert(**body.model_dump())))
 
 
 @router.post("/invalidate")
 def invalidate(body: InvalidateBody, cache: Cache) -> dict:
-    removed = _run(
-        lambda: cache.invalidate(
-            body.tenant,
-            entry_id=body.entry_id,
-            question=body.question,
-            category=body.category,
-            model=body.model,
-        )
-    )
-    return {"removed": removed}
+    return {"removed": _run(lambda: cache.invalidate(**body.model_dump()))}
 
 
 @router.get("/categories")
