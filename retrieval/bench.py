@@ -96,7 +96,13 @@ def accuracy(engine: Engine, cfg: BenchConfig, texts: list[str]) -> list[dict[st
                 base = dict(task=task, length=length, depth=depth)
                 new, ms = _decode(engine, out.logits[0, -1], out.cache.clone(), cfg.answer_tokens)
                 rows.append(
-                    dict(base, method="full", correct=_hit(engine, new, probe.answer), ms_per_token=ms)
+                    dict(
+                        base,
+                        method="full",
+                        correct=_hit(engine, new, probe.answer),
+                        ms_per_token=ms,
+                        text=engine.tokenizer.decode(new),
+                    )
                 )
                 for name, budget, tau in _variants(cfg):
                     new, ms, stats = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau)
