@@ -9,6 +9,7 @@ pass the verifier when that stage is on. The first candidate that passes is the 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -120,6 +121,7 @@ class SemanticCache:
     def _start(self) -> dict:
         """Load the index snapshot if it belongs to the store's epoch, then reconcile with the store."""
         self.epoch = self.store.ensure_epoch()
+        self._load_category_changes()
         folder = self._snapshot_folder()
         snapshot = self.indexes.load(folder, self.epoch) if folder else "absent"
         if snapshot == "stale":
@@ -161,8 +163,21 @@ class SemanticCache:
                 return self.categories.get(pred.category), "classifier"
         return self.categories.get(self.categories.default), "default"
 
+    def _load_category_changes(self) -> None:
+        """Apply category changes saved by an earlier `update_category` (this or another process)."""
+        raw = self.store.get_settings()
+        if raw is None:
+            return
+        try:
+            for row in json.loads(raw):
+                self.categories.update(**row)
+        except (ValueError, TypeError) as exc:
+            log.warning("semcache: ignoring unreadable saved category settings: %s", exc)
+
     def update_category(self, name: str, **fields) -> Category:
+        """Change (or add) a category, validated, saved in the store so restarts keep it."""
         cat = self.categories.update(name, **fields)
+        self.store.put_settings(json.dumps(self.categories.to_list()).encode())
         with self._lock:
             for scope in self.ledger.scopes():
                 if scope.category == name:

@@ -23,6 +23,7 @@ class LocalStore:
         self.folder = Path(folder) if folder is not None else None
         self._docs: dict[str, Entry] = {}
         self._epoch: str | None = None
+        self._settings: bytes | None = None
         self._lock = threading.Lock()
         if self.folder is not None:
             self._load_folder()
@@ -36,6 +37,8 @@ class LocalStore:
         (self.folder / "docs").mkdir(parents=True, exist_ok=True)
         marker = self.folder / "epoch"
         self._epoch = marker.read_text().strip() if marker.is_file() else None
+        settings = self.folder / "categories.json"
+        self._settings = settings.read_bytes() if settings.is_file() else None
         now = time.time()
         for path in (self.folder / "docs").glob("*/*.msgpack"):
             try:
@@ -58,6 +61,16 @@ class LocalStore:
                 if self.folder is not None:
                     (self.folder / "epoch").write_text(self._epoch)
             return self._epoch
+
+    def get_settings(self) -> bytes | None:
+        return self._settings
+
+    def put_settings(self, raw: bytes) -> None:
+        self._settings = raw
+        if self.folder is not None:
+            tmp = self.folder / "categories.json.tmp"
+            tmp.write_bytes(raw)
+            tmp.replace(self.folder / "categories.json")
 
     def put(self, entry: Entry) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ class RedisStore:
         self.url = re.sub(r"//[^@/]*@", "//***@", url)  # shown in errors and health: never a password
         self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._epoch_key = f"{prefix}epoch"
+        self._settings_key = f"{prefix}categories"
 
     def _key(self, entry_id: str) -> str:
         return f"{self.prefix}e:{entry_id}"
@@ -41,6 +42,13 @@ class RedisStore:
     def ensure_epoch(self) -> str:
         self._call(self._r.set, self._epoch_key, uuid.uuid4().hex, None, None, True)  # NX
         return self.epoch() or ""
+
+    def get_settings(self) -> bytes | None:
+        """Category changes made at run time, shared by every process on this prefix."""
+        return self._call(self._r.get, self._settings_key)
+
+    def put_settings(self, raw: bytes) -> None:
+        self._call(self._r.set, self._settings_key, raw)
 
     def put(self, entry: Entry) -> None:
         # A TTL is mandatory here: an entry without expiry would outlive its category's staleness bound.

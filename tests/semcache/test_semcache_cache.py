@@ -168,8 +168,10 @@ def test_index_survives_restart_and_is_rebuilt_from_redis(make_cache, tmp_path):
     cache = make_cache()
     qs = [f"How do I grow {plant} on a balcony?" for plant in ("tomatoes", "basil", "chillies", "mint")]
     cache.insert_many(qs, [f"A{i}" for i in range(4)], "t")
+    cache.update_category("law", threshold=0.97, ttl_s=60)
     cache.close()
     warm = make_cache()
+    assert (warm.categories.get("law").threshold, warm.categories.get("law").ttl_s) == (0.97, 60)
     assert warm.start_report == {**warm.start_report, "snapshot": "loaded", "added_from_store": 0}
     assert [warm.lookup(q, "t").answer for q in qs] == ["A0", "A1", "A2", "A3"]
     warm.insert("How do I grow lettuce on a balcony?", "A4", "t")  # not in the snapshot
