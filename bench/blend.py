@@ -340,12 +340,11 @@ def report(args, results: list[dict], methods: list[str], costs: dict, seconds: 
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**out, "results": results}, indent=1))
-    title = ", ".join(f"{d}: {n} items, ~{out['mean_tokens'][d]} tokens" for d, n in out["items"].items())
-    plot(
-        by_dataset.get("nq") or next(iter(by_dataset.values())),
-        Path(args.plot),
-        f"SmolLM2-135M, CPU ({title})",
+    shown = "nq" if "nq" in by_dataset else next(iter(by_dataset))
+    title = (
+        f"{shown}: {out['items'][shown]} items, ~{out['mean_tokens'][shown]} tokens, {args.threads} thread(s)"
     )
+    plot(by_dataset[shown], Path(args.plot), f"SmolLM2-135M-Instruct on CPU ({title})")
     print(json.dumps(out))
 
 
