@@ -121,6 +121,8 @@ class SemanticCache:
     def _start(self) -> dict:
         """Load the index snapshot if it belongs to the store's epoch, then reconcile with the store."""
         self.epoch = self.store.ensure_epoch()
+        self._log_pos = self.store.log_position()  # before the scan: a change during it is replayed
+        self._last_sync = time.monotonic()
         self._load_category_changes()
         folder = self._snapshot_folder()
         snapshot = self.indexes.load(folder, self.epoch) if folder else "absent"
@@ -150,8 +152,44 @@ class SemanticCache:
         for scope, index in self.indexes.items():
             for entry_id in set(index.ids()) - seen.get(scope, set()):
                 index.remove(entry_id)
+                self.ledger.remove(scope, entry_id)
                 dropped += 1
         return added, dropped
+
+    # ---- other processes on the same store ------------------------------------------------------------
+    def sync(self) -> int:
+        """Replay other processes' inserts and deletes from the store's change log; returns changes seen."""
+        ops, pos, truncated = self.store.read_log(self._log_pos)
+        if truncated:
+            log.warning("semcache: change log trimmed past our position; re-reading the whole store")
+            with self._lock:
+                self._reconcile()
+        added = [i for op, ids in ops if op == "put" for i in ids if self.ledger.scope_of(i) is None]
+        docs = self.store.get_many(added)[0] if added else {}
+        with self._lock:
+            for op, ids in ops:
+                for entry_id in ids:
+                    self._replay(op, entry_id, docs.get(entry_id))
+            self._log_pos, self._last_sync = pos, time.monotonic()
+        return sum(len(ids) for _, ids in ops)
+
+    def _replay(self, op: str, entry_id: str, doc: Entry | None) -> None:
+        scope = self.ledger.scope_of(entry_id)
+        if op == "del" and scope is not None:
+            index = self.indexes.get(scope)
+            if index is not None:
+                index.remove(entry_id)
+            self.ledger.remove(scope, entry_id)
+        elif op == "put" and scope is None and doc is not None and not doc.expired():
+            self.indexes.ensure(doc.scope).add(doc.id, doc.vector)
+            self.ledger.add(doc.scope, doc.id, doc.nbytes, doc.expires)
+
+    def _maybe_sync(self) -> None:
+        if time.monotonic() - self._last_sync >= self.config.sync_interval_s:
+            try:
+                self.sync()
+            except StoreUnavailable as exc:
+                log.warning("semcache: sync skipped: %s", exc)
 
     # ---- categories -----------------------------------------------------------------------------------
     def resolve_category(self, vector: np.ndarray, category: str | None) -> tuple[Category, str]:
@@ -206,6 +244,7 @@ class SemanticCache:
         question = self.config.limits.question(question)
         check_id("tenant", tenant)
         check_id("model", model)
+        self._maybe_sync()
         t0 = time.perf_counter()
         vec = self._vector(question, vector)
         t1 = time.perf_counter()

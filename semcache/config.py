@@ -35,6 +35,7 @@ class SemcacheConfig:
     verifier_cut: float | None = None  # None = the cut stored with the weights
     candidates: int = 4  # neighbours checked per lookup: the nearest may be expired or refused
     snapshot_interval_s: float = 300.0  # also saved on close; 0 = only on close
+    sync_interval_s: float = 1.0  # how often a lookup first replays other processes' inserts/deletes
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     index: IndexParams = field(default_factory=IndexParams)
     load: LoadPolicyConfig = field(default_factory=LoadPolicyConfig)
@@ -47,6 +48,8 @@ class SemcacheConfig:
             raise ValueError(f"min_category_score must be in [0, 1], got {self.min_category_score}")
         if self.verifier_cut is not None and not 0.0 <= self.verifier_cut <= 1.0:
             raise ValueError(f"verifier_cut must be in [0, 1], got {self.verifier_cut}")
+        if self.sync_interval_s < 0:
+            raise ValueError(f"sync_interval_s must be >= 0, got {self.sync_interval_s}")
         if self.snapshot_interval_s < 0:
             raise ValueError(f"snapshot_interval_s must be >= 0, got {self.snapshot_interval_s}")
         if not self.redis_prefix:

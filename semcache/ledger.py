@@ -16,6 +16,7 @@ class Ledger:
     def __init__(self) -> None:
         self._scopes: dict[Scope, OrderedDict[str, tuple[int, float]]] = {}
         self._bytes: dict[Scope, int] = {}
+        self._scope_of: dict[str, Scope] = {}
         self._lock = threading.Lock()
 
     def add(self, scope: Scope, entry_id: str, nbytes: int, expires: float) -> None:
@@ -25,6 +26,7 @@ class Ledger:
                 self._bytes[scope] -= rows[entry_id][0]
             rows[entry_id] = (nbytes, expires)
             rows.move_to_end(entry_id)
+            self._scope_of[entry_id] = scope
             self._bytes[scope] = self._bytes.get(scope, 0) + nbytes
 
     def touch(self, scope: Scope, entry_id: str) -> None:
@@ -38,6 +40,7 @@ class Ledger:
             rows = self._scopes.get(scope)
             if rows is not None and entry_id in rows:
                 self._bytes[scope] -= rows.pop(entry_id)[0]
+                self._scope_of.pop(entry_id, None)
                 if not rows:
                     del self._scopes[scope], self._bytes[scope]
 
@@ -57,6 +60,9 @@ class Ledger:
         with self._lock:
             return [(s, i) for s, rows in self._scopes.items() for i, (_, exp) in rows.items() if exp <= now]
 
+    def scope_of(self, entry_id: str) -> Scope | None:
+        return self._scope_of.get(entry_id)
+
     def scopes(self) -> list[Scope]:
         with self._lock:
             return list(self._scopes)
@@ -73,3 +79,4 @@ class Ledger:
         with self._lock:
             self._scopes.clear()
             self._bytes.clear()
+            self._scope_of.clear()

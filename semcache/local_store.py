@@ -62,6 +62,12 @@ class LocalStore:
                     (self.folder / "epoch").write_text(self._epoch)
             return self._epoch
 
+    def log_position(self) -> str:
+        return "0-0"  # one process owns a local store: there is nobody else's change to follow
+
+    def read_log(self, after: str, count: int = 10_000) -> tuple[list[tuple[str, list[str]]], str, bool]:
+        return [], after, False
+
     def get_settings(self) -> bytes | None:
         return self._settings
 

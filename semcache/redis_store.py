@@ -14,6 +14,12 @@ from semcache.store import Entry, StoreUnavailable
 
 log = logging.getLogger(__name__)
 _ERRORS = (redis.ConnectionError, redis.TimeoutError)
+LOG_ENTRIES = 100_000  # change log kept for other processes; one further behind re-reads the whole store
+
+
+def _stream_id(raw: str | bytes) -> tuple[int, int]:
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    return int(ms), int(seq or 0)
 
 
 class RedisStore:
@@ -25,6 +31,7 @@ class RedisStore:
         self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._epoch_key = f"{prefix}epoch"
         self._settings_key = f"{prefix}categories"
+        self._log_key = f"{prefix}log"
 
     def _key(self, entry_id: str) -> str:
         return f"{self.prefix}e:{entry_id}"
@@ -51,9 +58,43 @@ class RedisStore:
         self._call(self._r.set, self._settings_key, raw)
 
     def put(self, entry: Entry) -> None:
-        # A TTL is mandatory here: an entry without expiry would outlive its category's staleness bound.
+        # Redis expires the document itself at the entry's expiry; the log tells other processes.
         pxat = int(entry.expires * 1000) if math.isfinite(entry.expires) else None
-        self._call(lambda: self._r.set(self._key(entry.id), entry.encode(), pxat=pxat))
+        self._write(lambda pipe: pipe.set(self._key(entry.id), entry.encode(), pxat=pxat), "put", [entry.id])
+
+    def _write(self, op, kind: str, ids: list[str]) -> None:
+        def run():
+            pipe = self._r.pipeline(transaction=True)
+            op(pipe)
+            pipe.xadd(self._log_key, {"op": kind, "ids": ",".join(ids)}, maxlen=LOG_ENTRIES, approximate=True)
+            pipe.execute()
+
+        self._call(run)
+
+    def log_position(self) -> str:
+        last = self._call(self._r.xrevrange, self._log_key, "+", "-", 1)
+        return last[0][0].decode() if last else "0-0"
+
+    def read_log(self, after: str, count: int = 10_000) -> tuple[list[tuple[str, list[str]]], str, bool]:
+        """Changes after `after`: ([(op, ids)], new position, truncated).
+
+        Truncated means the entry at `after` was trimmed from the log while older than its first entry:
+        changes may be lost, so the caller re-reads the whole store.
+        """
+
+        def run():
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xrange(self._log_key, f"({after}" if after != "0-0" else "-", "+", count)
+            pipe.xrange(self._log_key, after, after, 1)
+            pipe.xrange(self._log_key, "-", "+", 1)
+            return pipe.execute()
+
+        rows, at_after, first = self._call(run)
+        truncated = (
+            after != "0-0" and not at_after and bool(first) and _stream_id(first[0][0]) > _stream_id(after)
+        )
+        ops = [(f[b"op"].decode(), f[b"ids"].decode().split(",")) for _, f in rows]
+        return ops, rows[-1][0].decode() if rows else after, truncated
 
     def get_many(self, ids: list[str]) -> tuple[dict[str, Entry], str | None]:
         """Documents and the epoch in one round trip, so a flushed Redis is noticed by the same lookup."""
@@ -84,7 +125,7 @@ class RedisStore:
 
     def delete(self, ids: list[str]) -> None:
         if ids:
-            self._call(self._r.delete, *[self._key(i) for i in ids])
+            self._write(lambda pipe: pipe.delete(*[self._key(i) for i in ids]), "del", ids)
 
     def scan(self, batch: int = 1000) -> Iterator[Entry]:
         keys: list[bytes] = []

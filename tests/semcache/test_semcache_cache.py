@@ -181,6 +181,20 @@ def test_index_survives_restart_and_is_rebuilt_from_redis(make_cache, tmp_path):
     assert cold.lookup("How do I grow lettuce on a balcony?", "t").answer == "A4"
 
 
+def test_processes_on_one_redis_prefix_see_each_others_changes(make_cache, tmp_path):
+    a = make_cache(sync_interval_s=0.0)
+    b = make_cache(sync_interval_s=0.0, folder=str(tmp_path / "other"))  # a second server, say
+    assert not b.lookup(Q, "t").hit
+    a.insert(Q, "from a", "t")
+    assert b.lookup("Can you explain cognitive dissonance?", "t").answer == "from a"
+    b.insert("How do I bake sourdough bread?", "from b", "t")
+    assert a.lookup("How do I bake sourdough bread?", "t").answer == "from b"
+    assert a.invalidate("t", question=Q) == 1
+    res = b.lookup(Q, "t")
+    assert not res.hit and res.reason == "nothing cached in this scope", res
+    assert b.stats()["entries"]["default"]["entries"] == 1
+
+
 def test_redis_flush_is_detected(make_cache, redis_url, redis_prefix):
     cache = make_cache()
     cache.insert(Q, "A", "t")
