@@ -186,11 +186,10 @@ def _remote(client, args: argparse.Namespace) -> Any:
     if cmd == "invalidate":
         return client.invalidate(args.tenant, entry_id=args.entry_id, question=args.question, **scope)
     if cmd == "categories":
-        return (
-            client.update_category(*_category_fields(args.set)[:1], **_category_fields(args.set)[1])
-            if args.set
-            else client.categories()
-        )
+        if not args.set:
+            return client.categories()
+        name, fields = _category_fields(args.set)
+        return client.update_category(name, **fields)
     if cmd == "load":
         return client.set_load(args.model, args.load)
     if cmd == "stats":
