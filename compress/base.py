@@ -121,6 +121,13 @@ def check_fraction(name: str, value: float, low: float, high: float, high_open: 
     return float(value)
 
 
+def check_keep(value: float) -> float:
+    """A kept fraction in (0, 1]: ValueError naming `keep` (0 or less would leave no token)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise ValueError(f"keep must lie in (0, 1], got {value!r}: it would leave no token")
+    return check_fraction("keep", value, 0.0, 1.0, high_open=False)
+
+
 def check_count(name: str, value: int, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

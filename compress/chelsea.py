@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.base import Compressor, check_count, check_fraction, register
+from compress.base import Compressor, check_count, check_keep, register
 from compress.tokenset import TokenSetLayer
 
 
@@ -97,9 +97,7 @@ class Chelsea(Compressor):
         check_count("recent", self.recent)
         if not isinstance(self.size_aware, bool):
             raise TypeError(f"size_aware must be a bool, got {self.size_aware!r}")
-        if isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool) and self.keep <= 0:
-            raise ValueError(f"keep must lie in (0, 1], got {self.keep!r}: it would leave no token")
-        self.keep = check_fraction("keep", self.keep, 0.0, 1.0, high_open=False)
+        self.keep = check_keep(self.keep)
         if self.target < 1:
             raise ValueError(
                 f"keep={self.keep} leaves no token of a {self.chunk}-token chunk; "

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.base import Compressor, check_count, check_fraction, group_queries, register
+from compress.base import Compressor, check_count, check_keep, group_queries, register
 from compress.streaming import token_budget
 from compress.tokenset import TokenSetLayer, select_tokens
 
@@ -49,9 +49,7 @@ class SnapKV(Compressor):
         check_count("window", self.window, low=1)
         if check_count("kernel", self.kernel, low=1) % 2 == 0:
             raise ValueError(f"kernel must be odd (a centred pool), got {self.kernel}")
-        if isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool) and self.keep <= 0:
-            raise ValueError(f"keep must lie in (0, 1], got {self.keep!r}: it would leave no token")
-        self.keep = check_fraction("keep", self.keep, 0.0, 1.0, high_open=False)
+        self.keep = check_keep(self.keep)
 
     def observation_rows(self) -> int:
         return self.window

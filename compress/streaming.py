@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from compress.base import Compressor, check_count, check_fraction, register
+from compress.base import Compressor, check_count, check_keep, register
 from compress.tokenset import TokenSetLayer
 
 
@@ -32,9 +32,7 @@ class StreamingLLM(Compressor):
 
     def __post_init__(self) -> None:
         check_count("sinks", self.sinks)
-        if isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool) and self.keep <= 0:
-            raise ValueError(f"keep must lie in (0, 1], got {self.keep!r}: it would leave no token")
-        self.keep = check_fraction("keep", self.keep, 0.0, 1.0, high_open=False)
+        self.keep = check_keep(self.keep)
 
     def compress(
         self,
