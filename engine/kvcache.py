@@ -8,25 +8,39 @@ the engine only calls `update`, and the layer's attention function knows how to 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class LayerKV:
-    """Dense keys and values of one layer; `update` appends new rows and returns the full context."""
+    """Dense keys and values of one layer; `update` appends new rows and returns the full context.
+
+    `k`/`v` are views of buffers with spare room, so decoding one token writes one row instead of
+    copying the whole cache (torch.cat per step is O(T) per layer). Assigning `k`/`v` directly is fine:
+    the next `update` sees the views no longer belong to the buffers and starts new ones.
+    """
 
     k: torch.Tensor  # [batch, kv_heads, tokens, head_dim]
     v: torch.Tensor
+    _kbuf: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _vbuf: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return self.k.shape[-2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = torch.cat([self.k, k], dim=-2) if self.length else k
-        self.v = torch.cat([self.v, v], dim=-2) if self.length else v
+        n, end = self.length, self.length + k.shape[-2]
+        if not n:
+            self.k, self.v = k, v  # a prefill: keep the computed tensors, no buffer until decoding
+            return k, v
+        if not self._views_own_buffers() or end > self._kbuf.shape[-2]:
+            self._grow(end)
+        self._kbuf[..., n:end, :] = k
+        self._vbuf[..., n:end, :] = v
+        self.k, self.v = self._kbuf[..., :end, :], self._vbuf[..., :end, :]
         return self.k, self.v
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -34,6 +48,23 @@ class LayerKV:
 
     def nbytes(self) -> int:
         return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
+
+    def _views_own_buffers(self) -> bool:
+        return (
+            self._kbuf is not None
+            and self.k.data_ptr() == self._kbuf.data_ptr()
+            and self.v.data_ptr() == self._vbuf.data_ptr()
+            and self.k.shape[:-2] == self._kbuf.shape[:-2]
+        )
+
+    def _grow(self, need: int) -> None:
+        # A quarter more (at least 64 rows): few copies over a long decode, little idle memory.
+        capacity = max(need, self.length + max(64, self.length // 4))
+        shape = (*self.k.shape[:-2], capacity, self.k.shape[-1])
+        kbuf, vbuf = self.k.new_empty(shape), self.v.new_empty(shape)
+        kbuf[..., : self.length, :] = self.k
+        vbuf[..., : self.length, :] = self.v
+        self._kbuf, self._vbuf = kbuf, vbuf
 
 
 class KVCache:

@@ -106,3 +106,19 @@ def test_bad_token_input_is_refused(engine):
 def test_positions_beyond_context_are_refused(engine):
     with pytest.raises(ValueError, match="8192"):
         engine.forward([1, 2], positions=torch.tensor([8191, 8192]))
+
+
+def test_decode_appends_into_spare_room(engine, prompt):
+    """Decoding writes rows into a buffer with room instead of copying the cache every step."""
+    out = engine.forward(prompt.ids)
+    layer = out.cache.layers[0]
+    engine.forward([42], cache=out.cache)
+    first_ptr = layer.k.data_ptr()
+    for token in (43, 44, 45):
+        engine.forward([token], cache=out.cache)
+    assert layer.k.data_ptr() == first_ptr  # no reallocation for a few tokens
+    assert layer.length == len(prompt.ids) + 4 == len(out.cache)
+    layer.replace(layer.k.clone(), layer.v.clone())  # a caller may swap the tensors; update still works
+    k, _ = layer.update(layer.k[..., -1:, :], layer.v[..., -1:, :])
+    assert k.shape[-2] == len(prompt.ids) + 5
+    assert torch.equal(k[..., -1, :], k[..., -2, :])
