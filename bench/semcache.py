@@ -274,7 +274,16 @@ def main() -> None:
     ap.add_argument("--redis", default=os.environ.get("KVFUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--llm-ms", type=float, help="time of a full LLM answer (default: measured, 64 tokens)")
     ap.add_argument("--plot", type=Path, default=OUT / "semcache.png")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on the shared 2 cores, 2 threads made one embedding 7x slower)",
+    )
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     pairs = load_pairs(limit=4000 if args.quick else None)
     sizes = args.sizes or ([2000, 10000] if args.quick else [10000, 100000])
@@ -298,6 +307,7 @@ def main() -> None:
         "bench": "semcache",
         "quick": args.quick,
         "pairs": len(pairs),
+        "torch_threads": args.threads,
         "quality": {k: v for k, v in q.items() if k != "curves"},
         "latency": lat,
         "embedding": emb,
