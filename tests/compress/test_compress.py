@@ -318,3 +318,35 @@ def test_bench_baselines_hold_the_same_bytes_as_the_method_they_match(engine, te
             per_token = engine.spec.kv_bytes_per_token
             assert abs(b - target) <= per_token, name  # within one token's KV
     assert held["think_0.4"] < 0.85 * held["full"] and held["chelsea_0.25"] < 0.5 * held["full"]
+
+
+def _merge_by_hand(keys: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's passes written plainly, one a at a time: returns the centroids and their sizes."""
+    items = [(i, keys[i], 1.0) for i in range(len(keys))]
+    while len(items) > target:
+        a_side, b_side = items[0::2], [list(b) for b in items[1::2]]
+        edges = []
+        for ai, a in enumerate(a_side):
+            sims = torch.stack([torch.cosine_similarity(a[1], b[1], dim=0) for b in b_side])
+            edges.append((float(sims.max()), ai, int(sims.argmax())))
+        edges.sort(key=lambda e: -e[0])
+        r = min(len(items) - target, len(a_side))
+        for _, ai, j in edges[:r]:
+            _, ka, ma = a_side[ai]
+            slot, kb, mb = b_side[j]
+            b_side[j] = [slot, (kb * mb + ka * ma) / (mb + ma), mb + ma]
+        kept = [a_side[ai] for ai in sorted(e[1] for e in edges[r:])]
+        items = sorted(kept + [tuple(b) for b in b_side], key=lambda x: x[0])
+    return torch.stack([x[1] for x in items]), torch.tensor([x[2] for x in items], dtype=keys.dtype)
+
+
+@pytest.mark.parametrize("target", [8, 4, 3])
+def test_merge_passes_match_a_plain_implementation(target):
+    from compress.chelsea import merge_chunks
+
+    gen = torch.Generator().manual_seed(target)
+    k = torch.randn(4, 16, 8, generator=gen, dtype=torch.float64)
+    out = merge_chunks(k, torch.randn(4, 16, 8, generator=gen, dtype=torch.float64), target)
+    for n in range(4):
+        keys, sizes = _merge_by_hand(k[n], target)
+        assert torch.allclose(out.k[n], keys) and torch.equal(out.m[n], sizes)
