@@ -155,7 +155,7 @@ def rekv(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str, Any]:
     facts = []
     for fact in stream.facts:
         want = r.block_of(fact.position)
-        new = r.answer(fact.question, cfg.answer_tokens, stop=set())
+        new = r.answer(fact.question, cfg.answer_tokens, stop=set(), focus=fact.focus)
         recall = sum(want in sel for sel in r.last_selection.values()) / len(r.last_selection)
         base, _ = engine.generate(fact.question, cfg.answer_tokens, cache=full.clone(), stop=set())
         facts.append(

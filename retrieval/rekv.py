@@ -4,14 +4,26 @@ Encoding: the stream is forwarded block by block with sliding-window attention (
 plus the last `n_local`); every finished block's KV goes to the kvstore as one entry per layer, and its
 mean key per layer and KV head is kept as the block's representative. Only the window stays resident.
 
-Answering: at each layer, the question's representative query (the mean of its queries) scores the
-blocks by dot product with their representative keys (summed over query heads). Both means are taken
-over keys/queries rotated back to position 0, so a block is matched by content rather than by its
-distance to the question (with post-RoPE means, the recency of a block dominated the score on
-SmolLM2-135M: see README "Retrieval"). The top-k blocks are
-fetched (through a small LRU of (block, layer) entries) and laid out in time order after the initial
-tokens, followed by the unfinished tail of the stream. Keys are re-rotated to contiguous positions
-(`blend.rope.RopeShift`), the question is prefilled on that context and the answer decoded from it.
+Answering: the question's representative query at a layer (the mean of its queries; only the rows in
+`focus`, e.g. without the chat template's closing tokens) scores the blocks against their representative
+keys, summed over query heads. Keys and queries are rotated back to position 0 (as InfLLM/ReKV score
+un-rotated vectors), so a block is matched by content rather than by its distance to the question.
+
+Two options, measured on SmolLM2-135M (README "Retrieval"):
+- `representative`: "mean" (the paper's mean key, default) or "minmax", each block's per-channel min and
+  max key scored as `sum_c max(q_c min_c, q_c max_c)` (Quest's bound on the block's best key), meant for
+  a short fact inside a long block of prose, which barely moves the block's mean key. Neither wins
+  consistently here: minmax was better on a 2K stream, worse on the 4K one.
+- `selection`: "shared" (default) first runs the question over the sliding window (initial + local
+  tokens, as the stream left it) to get every layer's queries, z-normalizes each layer's block scores and
+  picks one top-k for all layers; "layer" (the paper's) picks per layer during the answer's prefill. Many
+  layers of this model do not attend by content: even the question's true attention over the full cache
+  ranks a fact's block in its top 8 at only about half the layers, so a per-layer pick cannot reach a
+  high recall, while the layers that do attend by content agree.
+
+The top-k blocks are fetched (through a small LRU of (block, layer) entries) and laid out in time order
+after the initial tokens, followed by the unfinished tail of the stream. Keys are re-rotated to contiguous
+positions (`blend.rope.RopeShift`), the question is prefilled on that context and the answer decoded from it.
 The stream memory is unchanged by a question: more questions, or more stream, can follow.
 """
 
@@ -30,20 +42,33 @@ from kvstore.store import TieredStore
 from retrieval.base import Retriever, kv_bytes
 from retrieval.offload import Unit
 
+REPRESENTATIVES = ("minmax", "mean")
+SELECTIONS = ("shared", "layer")
+
 
 @dataclass
 class ReKVConfig:
     """block_tokens: tokens per stored block (a text "frame"). n_init: always-kept first tokens.
     n_local: sliding-window length while encoding (>= block_tokens). top_k: blocks retrieved per layer.
-    lru_blocks: (block, layer) entries kept in fast memory between questions (0: none)."""
+    lru_blocks: (block, layer) entries kept in fast memory between questions (0: none).
+    representative: "mean" (the paper's mean key) or "minmax" (per-channel min/max keys, Quest's bound).
+    selection: "shared" (one top-k from all layers' scores) or "layer" (top-k per layer, the paper's)."""
 
     block_tokens: int = 64
     n_init: int = 32
     n_local: int = 512
     top_k: int = 8
     lru_blocks: int = 240
+    representative: str = "mean"
+    selection: str = "shared"
 
     def __post_init__(self) -> None:
+        if self.representative not in REPRESENTATIVES:
+            raise ValueError(
+                f"ReKVConfig.representative must be one of {REPRESENTATIVES}, got {self.representative!r}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"ReKVConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
         for name in ("block_tokens", "n_local", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -71,11 +96,14 @@ class ReKV(Retriever):
         self.shift = RopeShift.for_engine(engine)
         self.window = engine.new_cache()
         self.stream_len = 0
-        self.block_reps: list[torch.Tensor] = []  # per block: [layers, kv_heads, d] mean keys
+        # per block: [layers, reps, kv_heads, d], un-rotated keys' (min, max) or (mean,)
+        self.block_reps: list[torch.Tensor] = []
         self.block_starts: list[int] = []
         self.last_selection: dict[int, list[int]] = {}  # layer -> block ids of the last question
         self._lru: OrderedDict[tuple[int, int], Unit] = OrderedDict()
         self._answer_bytes = 0
+        self._focus: slice = slice(None)
+        self._shared: list[int] | None = None
 
     # ---- bounds and sizes -----------------------------------------------------------------------
 
@@ -135,9 +163,15 @@ class ReKV(Retriever):
         for i, layer in enumerate(self.window.layers):
             k, v = layer.k[0, :, -n:], layer.v[0, :, -n:]
             self.units.put(self.units.key(block, i), Unit(k, v, positions), layer=i, block=block)
-            reps.append(self.shift.shift(k, -positions).float().mean(1))
+            reps.append(self._representative(self.shift.shift(k, -positions).float()))
         self.block_reps.append(torch.stack(reps))
         self.block_starts.append(int(positions[0]))
+
+    def _representative(self, k: torch.Tensor) -> torch.Tensor:
+        """`[reps, kv_heads, d]` of a block's un-rotated keys `[kv_heads, tokens, d]`."""
+        if self.config.representative == "mean":
+            return k.mean(1)[None]
+        return torch.stack([k.amin(1), k.amax(1)])
 
     def _trim(self) -> None:
         """Keep the initial tokens and the last n_local tokens in the window."""
@@ -154,19 +188,30 @@ class ReKV(Retriever):
     # ---- answering -----------------------------------------------------------------------------
 
     def answer(
-        self, question: torch.Tensor | list[int], max_new_tokens: int, stop: set[int] | None = None
+        self,
+        question: torch.Tensor | list[int],
+        max_new_tokens: int,
+        stop: set[int] | None = None,
+        focus: slice | None = None,
     ) -> list[int]:
-        """Greedy answer to `question` (token ids, e.g. the end of a chat turn) from the stream's KV."""
+        """Greedy answer to `question` (token ids, e.g. the end of a chat turn) from the stream's KV.
+
+        `focus`: the question rows whose queries pick the blocks (default all; pass the question's own
+        words to leave out chat-template tokens, whose queries look the same for every question)."""
         if self.stream_len == 0:
             raise ValueError("the stream is empty: encode() some tokens before asking")
-        cache = self.answer_cache()
         question = torch.as_tensor(question).view(-1)
+        self._focus = self._check_focus(focus, question.numel())
+        cache = self.answer_cache()
         positions = torch.arange(len(cache), len(cache) + question.numel())
         try:
+            if self.config.selection == "shared":
+                self._shared = self.shared_selection(question)
             out = self.engine.forward(question, cache=cache, positions=positions, attention=self.attention)
             new, _ = self.engine.decode(out.logits[0, -1], cache, max_new_tokens, self.attention, stop)
         finally:
             self._answer_bytes = 0
+            self._shared = None
         self.sync_stats()
         return new
 
@@ -197,17 +242,59 @@ class ReKV(Retriever):
         """Top-k block ids (in time order) for query rows `q` `[1, heads, rows, d]` at `positions`."""
         if not self.block_reps:
             return []
-        reps = torch.stack([r[layer] for r in self.block_reps])  # [blocks, kv_heads, d]
-        rep_q = self.shift.shift(q[0].float(), -positions.cpu()).mean(1)  # [heads, d], position-free
-        group = rep_q.shape[0] // reps.shape[1]
-        scores = torch.einsum("hd,bhd->b", rep_q, reps.repeat_interleave(group, dim=1))
-        top = torch.topk(scores, min(self.config.top_k, len(self.block_reps))).indices
-        return sorted(top.tolist())
+        return self._top(self.block_scores(layer, q, positions))
+
+    def block_scores(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`[blocks]` scores of the blocks at `layer` for the `focus` rows of `q` `[1, heads, rows, d]`."""
+        q, positions = q[0, :, self._focus], positions[self._focus]
+        rep_q = self.shift.shift(q.float(), -positions.cpu()).mean(1)  # [heads, d], position-free
+        reps = torch.stack([r[layer] for r in self.block_reps])  # [blocks, reps, kv_heads, d]
+        reps = reps.repeat_interleave(rep_q.shape[0] // reps.shape[2], dim=2)
+        per_channel = rep_q * reps  # [blocks, reps, heads, d]
+        if self.config.representative == "minmax":
+            return per_channel.amax(1).sum((1, 2))
+        return per_channel[:, 0].sum((1, 2))
+
+    def shared_selection(self, question: torch.Tensor) -> list[int]:
+        """One top-k for all layers: the question runs over the sliding window (then is dropped from it)
+        to give every layer's queries; each layer's block scores are z-normalized and summed."""
+        if self.num_blocks <= self.config.top_k:
+            return list(range(self.num_blocks))
+        queries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def capture(call: AttnCall) -> torch.Tensor:
+            queries[call.layer] = (call.q, call.q_positions)
+            return causal_attention(call)
+
+        rows = len(self.window)
+        positions = torch.arange(self.stream_len, self.stream_len + question.numel())
+        try:
+            self.engine.forward(
+                question, cache=self.window, positions=positions, attention=capture, logits="none"
+            )
+        finally:
+            self.window.truncate(rows)
+        scores = torch.stack([self.block_scores(i, *queries[i]) for i in sorted(queries)])
+        z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp(min=1e-6)
+        return self._top(z.sum(0))
+
+    def _top(self, scores: torch.Tensor) -> list[int]:
+        return sorted(torch.topk(scores, min(self.config.top_k, scores.numel())).indices.tolist())
+
+    @staticmethod
+    def _check_focus(focus: slice | None, rows: int) -> slice:
+        if focus is None:
+            return slice(None)
+        if not isinstance(focus, slice) or focus.step not in (None, 1):
+            raise TypeError(f"focus must be a slice of question rows with step 1, got {focus!r}")
+        if len(range(rows)[focus]) == 0:
+            raise ValueError(f"focus {focus} selects no row of a {rows}-token question")
+        return focus
 
     def _context(
         self, layer: int, q: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = self.select(layer, q, positions)
+        blocks = self._shared if self._shared is not None else self.select(layer, q, positions)
         self.last_selection[layer] = blocks
         self.stats.tokens_selected += len(blocks) * self.config.block_tokens
         win = self.window.layers[layer]

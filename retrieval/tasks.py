@@ -53,6 +53,7 @@ class Probe:
 @dataclass
 class StreamFact:
     question: list[int]  # the question's ids (end of the user turn and the assistant header)
+    focus: slice  # the rows of `question` holding its words (without the chat template's tokens)
     answer: str
     position: int  # stream position of the planted sentence
 
@@ -70,7 +71,9 @@ def passages(limit: int = 150) -> list[str]:
         raise ValueError(f"evaluation data {path} is absent (set KVFUSE_DATA)")
     items = json.loads(path.read_text())
     out = [c["text"].strip() for item in items[:limit] for c in item["ctxs"]]
-    return [p for p in out if p]
+    # MuSiQue questions share Wikipedia paragraphs: keep each once, so a stream or haystack never repeats
+    # the text around a planted fact elsewhere (a repeated paragraph is a decoy block for retrieval).
+    return [p for p in dict.fromkeys(out) if p]
 
 
 def passkey(tokenizer: Any, n_tokens: int, depth: float, seed: int = 0) -> Probe:
@@ -113,18 +116,18 @@ def fact_stream(
     facts = []
     for block, name, (statement, asked) in sorted(zip(blocks, names, templates, strict=True), reverse=True):
         number = str(rng.randint(10000, 99999))
-        # lower case like the MuSiQue text, so the fact does not stand out by style alone
-        sentence = encode(tokenizer, " " + statement.format(name=name, n=number).lower() + " ")
+        # Same casing as the question: lower-casing the fact (as the MuSiQue text is) turned "Captain
+        # Mora" into other tokens than the question's, so the question no longer matched its fact.
+        sentence = encode(tokenizer, " " + statement.format(name=name, n=number) + " ")
         at = n_init + block * block_tokens + 4
         if at + len(sentence) > min(len(ids), n_init + (block + 1) * block_tokens):
             raise ValueError(
                 f"block {block} does not fit a {len(sentence)}-token fact in a {len(ids)}-token stream"
             )
         ids[at : at + len(sentence)] = sentence  # overwrite, so later blocks keep their offsets
-        question = encode(
-            tokenizer, f"\nQuestion: {asked.format(name=name)}<|im_end|>\n<|im_start|>assistant\n"
-        )
-        facts.append(StreamFact(question, number, at))
+        words = encode(tokenizer, f"\nQuestion: {asked.format(name=name)}")
+        question = words + encode(tokenizer, "<|im_end|>\n<|im_start|>assistant\n")
+        facts.append(StreamFact(question, slice(0, len(words)), number, at))
     return FactStream(ids, sorted(facts, key=lambda f: f.position))
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
@@ -21,7 +24,8 @@ def stream(engine, texts):
 @pytest.fixture(scope="module")
 def encoded(engine, stream):
     store = TieredStore(StoreConfig(host_bytes=1 << 30, write_behind=False))
-    r = ReKV(engine, ReKVConfig(top_k=4, **SMALL), store)
+    # The paper's setting (mean keys, top-k per layer); the shared selection has its own test below.
+    r = ReKV(engine, ReKVConfig(top_k=4, representative="mean", selection="layer", **SMALL), store)
     r.encode(stream.ids[:250])  # streamed in two arrivals, the second starting mid-block
     r.encode(stream.ids[250:])
     return r
@@ -46,6 +50,27 @@ def test_planted_facts_blocks_are_retrieved(engine, stream, encoded):
         assert len(hits) == engine.spec.num_layers
         # Measured 22 of 30 layers here; a random pick of 4 of 19 blocks would hit about 6.
         assert sum(hits) / len(hits) >= 0.5, f"block {block} recalled at {sum(hits)} of {len(hits)} layers"
+
+
+def test_shared_selection_gives_every_layer_the_facts_block(engine, stream, encoded):
+    r = encoded
+    fact = stream.facts[0]
+    window_rows, window_positions = len(r.window), r.window.positions.clone()
+    blocks = r.shared_selection(torch.as_tensor(fact.question))
+    # The question's pass over the sliding window leaves the stream's window as it was.
+    assert len(r.window) == window_rows and torch.equal(r.window.positions, window_positions)
+    assert all(layer.k.shape[2] == window_rows for layer in r.window.layers)
+    assert len(blocks) == 4 and blocks == sorted(blocks)
+    r.config = dataclasses.replace(r.config, selection="shared")
+    try:
+        r.answer(fact.question, 1, stop=set(), focus=fact.focus)
+    finally:
+        r.config = dataclasses.replace(r.config, selection="layer")
+    assert len(r.last_selection) == engine.spec.num_layers
+    chosen = r.last_selection[0]
+    assert all(sel == chosen for sel in r.last_selection.values())
+    # Measured: found here with mean keys (the per-layer pick finds it at 22 of 30 layers).
+    assert r.block_of(fact.position) in chosen
 
 
 def test_stream_kv_lives_in_the_store_within_the_budget(engine, encoded):
@@ -81,8 +106,17 @@ def test_bad_configs_and_calls(engine):
         ReKVConfig(block_tokens=64, n_local=32)
     with pytest.raises(ValueError, match="top_k"):
         ReKVConfig(top_k=0)
+    with pytest.raises(ValueError, match="representative"):
+        ReKVConfig(representative="max")
+    with pytest.raises(ValueError, match="selection"):
+        ReKVConfig(selection="global")
     r = ReKV(engine, ReKVConfig(**SMALL))
     with pytest.raises(ValueError, match="empty"):
         r.answer([1, 2, 3], 4)
+    r.encode(list(range(100, 200)))
+    with pytest.raises(ValueError, match="no row"):
+        r.answer([1, 2, 3], 4, focus=slice(3, None))
+    with pytest.raises(TypeError, match="focus"):
+        r.answer([1, 2, 3], 4, focus=[0, 1])
     with pytest.raises(TypeError, match="answer_cache"):
         engine.forward([1, 2, 3], attention=r.attention)
