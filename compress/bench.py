@@ -51,6 +51,7 @@ class BenchConfig:
     item: int = 0
     question_in_prompt: bool = True  # passkey question compressed with the context (papers' protocol)
     answer_tokens: int = 6  # " " and five digits
+    timed_steps: int = 8  # single-token steps timed after teacher forcing
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class BenchConfig:
             raise ValueError(f"lengths must be >= 128 tokens each, got {self.lengths}")
         if self.continuation < 2:
             raise ValueError(f"continuation must be >= 2 tokens, got {self.continuation}")
+        if self.timed_steps < 1:
+            raise ValueError(f"timed_steps must be >= 1, got {self.timed_steps}")
         if any(not 0 <= d <= 1 for d in self.depths) or self.keys < 0:
             raise ValueError(f"depths must lie in [0, 1] and keys >= 0, got {self.depths}, {self.keys}")
 
@@ -110,14 +113,14 @@ def compressed_caches(engine: Engine, cache: KVCache, seen) -> dict[str, tuple[S
     return out
 
 
-def teacher_forcing(engine: Engine, ids: list[int], n: int, steps: int) -> dict[str, dict]:
-    prompt, cont = ids[:n], ids[n : n + steps + 1]
+def teacher_forcing(engine: Engine, ids: list[int], n: int, config: BenchConfig) -> dict[str, dict]:
+    prompt, cont = ids[:n], ids[n : n + config.continuation + 1]
     out, seen = observe(engine, prompt)
     caches = compressed_caches(engine, out.cache, seen)
     full = None
     rows = {}
     for name, (s, cache, held) in caches.items():
-        forced = teacher_force(engine, cache, cont)
+        forced = teacher_force(engine, cache, cont, timed=config.timed_steps)
         full = forced if full is None else full
         rows[name] = {"family": s.family, "kv_bytes": held, **agreement(full, forced)}
         _log(f"  {n} {name}: top1 {rows[name]['top1']:.3f} kl {rows[name]['kl']:.4f}")
@@ -159,7 +162,7 @@ def run(engine: Engine, config: BenchConfig) -> dict:
         if len(ids) < n + config.continuation + 1:
             raise ValueError(f"the text has {len(ids)} tokens; {n} + {config.continuation + 1} are needed")
         _log(f"length {n}: teacher forcing over {config.continuation} tokens")
-        forced = teacher_forcing(engine, ids, n, config.continuation)
+        forced = teacher_forcing(engine, ids, n, config)
         keys = passkey(engine, config, filler, n)
         for name, row in forced.items():
             results.append({"length": n, "setting": name, **row, "passkey": keys.get(name)})

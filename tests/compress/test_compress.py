@@ -350,3 +350,20 @@ def test_merge_passes_match_a_plain_implementation(target):
     for n in range(4):
         keys, sizes = _merge_by_hand(k[n], target)
         assert torch.allclose(out.k[n], keys) and torch.equal(out.m[n], sizes)
+
+
+def test_bench_runs_end_to_end_on_a_short_text(engine, shared_data, tmp_path):
+    """The benchmark's own code path (tiny size): every setting reported, the plot written."""
+    from compress.bench import BenchConfig, plot, run, settings
+
+    report = run(engine, BenchConfig(lengths=[128], continuation=4, depths=[0.5], keys=1, timed_steps=1))
+    names = [r["setting"] for r in report["results"]]
+    assert names == [s.name for s in settings()]
+    full = report["results"][0]
+    assert full["kl"] == 0 and full["top1"] == 1 and full["kv_ratio"] == 1
+    assert all(0 < r["kv_ratio"] <= 1 and r["passkey"] in (0.0, 1.0) for r in report["results"])
+    assert set(report["targets"]["128"]) >= {"think_ok", "chelsea_ok", "ceiling"}
+    plot(report, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="lengths"):
+        BenchConfig(lengths=[64])
