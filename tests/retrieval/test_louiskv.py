@@ -134,3 +134,54 @@ def test_kmeans_units_partition_the_tokens():
         assert all(u.numel() <= 10 for u in units)
         assert sorted(torch.cat(units).tolist()) == list(range(200))
         assert all(bool((labels[h][u] == labels[h][u[0]]).all()) for u in units)
+
+
+def test_token_units_select_the_exact_top_tokens(engine, probe):
+    """With one token per unit, a retrieval picks per KV head exactly the tokens with the highest
+    group-mean softmax attention (among the offloaded ones), at their original positions, and attends
+    over sinks + those tokens + the window: the machinery behind any unit size, checked exactly."""
+    cfg = LouisKVConfig(budget=96, tau=2.0, cluster_tokens=1, **SMALL)
+    out = engine.forward(probe.ids)
+    full_k = [layer.k[0].clone() for layer in out.cache.layers]
+    full_v = [layer.v[0].clone() for layer in out.cache.layers]
+    r = LouisKV(engine, cfg, host_store())
+    cache = r.offload(out.cache)
+    checked = []
+
+    def compare(call: AttnCall) -> torch.Tensor:
+        got = r.attention(call)
+        layer = call.kv
+        if call.layer in (0, 14, 29):
+            k, v = full_k[call.layer], full_v[call.layer]  # [kv_heads, prompt, d]
+            sinks, local = set(range(cfg.n_sink)), set(layer.local_positions.tolist())
+            # Offloaded: the prompt's middle as one-token units, plus the window's oldest segment that
+            # the first step pushed out (one unit, scored by its mean key).
+            start = len(probe.ids) - cfg.window
+            units = [[p] for p in range(cfg.n_sink, start)] + [list(range(start, start + cfg.max_segment))]
+            assert sinks | local | {p for u in units for p in u} == set(range(len(probe.ids) + 1))
+            means = torch.stack([k[:, u].mean(1) for u in units], 1)  # [kv_heads, units, d]
+            q = call.q[0, :, -1].view(k.shape[0], -1, k.shape[2])  # [kv_heads, group, d]
+            probs = (torch.einsum("hgd,hud->hgu", q, means) * call.scale).softmax(-1).mean(1)
+            group = q.shape[1]
+            for h in range(k.shape[0]):
+                order = probs[h].argsort(descending=True).tolist()
+                sizes = torch.tensor([len(units[u]) for u in order]).cumsum(0)
+                want = {
+                    p
+                    for u, total in zip(order, sizes.tolist(), strict=True)
+                    if total <= cfg.selection
+                    for p in units[u]
+                }
+                have = layer.working.positions[h]
+                assert set(have[have >= 0].tolist()) == want, f"layer {call.layer} head {h}"
+                # Exact attention over sinks + selected + window (the new token's row is the last one).
+                rows = torch.tensor(sorted(sinks | want | (local - {len(probe.ids)})))
+                keys = torch.cat([k[h, rows], layer.k[0, h, -1:]])
+                values = torch.cat([v[h, rows], layer.v[0, h, -1:]])
+                ref = (q[h] @ keys.T * call.scale).softmax(-1) @ values
+                torch.testing.assert_close(got[0, h * group : (h + 1) * group, -1], ref, rtol=1e-4, atol=1e-5)
+            checked.append(call.layer)
+        return got
+
+    engine.forward([int(out.logits[0, -1].argmax())], cache=cache, attention=compare)
+    assert checked == [0, 14, 29]
