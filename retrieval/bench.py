@@ -27,6 +27,7 @@ from retrieval.rekv import ReKV, ReKVConfig
 from retrieval.tasks import fact_stream, needle, passages, passkey
 
 EVERY_STEP = 2.0  # a tau above 1: retrieve at every step
+PARTS = ("accuracy", "long_output", "rekv")
 
 
 @dataclass
@@ -42,6 +43,12 @@ class BenchConfig:
     stream_facts: int = 6
     rekv: ReKVConfig = field(default_factory=ReKVConfig)
     threads: int = 1
+    parts: tuple[str, ...] = PARTS  # which measurements to run (the plot needs all of them)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise ValueError(f"BenchConfig.parts must be a non-empty subset of {PARTS}, got {self.parts!r}")
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -208,16 +215,16 @@ def run(engine: Engine, cfg: BenchConfig, plot: Path | None = None) -> dict[str,
     torch.set_num_threads(cfg.threads)
     texts = passages(limit=60)
     start = time.perf_counter()
-    rows = accuracy(engine, cfg, texts)
-    result = dict(
-        config=_jsonable(asdict(cfg)),
-        accuracy=summarize(rows),
-        long_output=long_output(engine, cfg, texts),
-        rekv=rekv(engine, cfg, texts),
-        rows=rows,
-    )
+    result: dict[str, Any] = dict(config=_jsonable(asdict(cfg)))
+    if "accuracy" in cfg.parts:
+        result["rows"] = accuracy(engine, cfg, texts)
+        result["accuracy"] = summarize(result["rows"])
+    if "long_output" in cfg.parts:
+        result["long_output"] = long_output(engine, cfg, texts)
+    if "rekv" in cfg.parts:
+        result["rekv"] = rekv(engine, cfg, texts)
     result["wall_s"] = time.perf_counter() - start
-    if plot is not None:
+    if plot is not None and set(cfg.parts) == set(PARTS):
         draw(result, plot)
     return result
 

@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     bench.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1]")
     bench.add_argument("--long-output-tokens", type=int, help="tokens generated for the agreement test")
     bench.add_argument("--stream-tokens", type=int, help="ReKV stream length")
+    bench.add_argument(
+        "--only", nargs="+", help="run only these parts: accuracy, long_output, rekv (no plot unless all)"
+    )
     bench.add_argument("--plot", type=Path, default=Path("bench/out/retrieval.png"), help="where to draw")
     bench.set_defaults(func=_bench)
 
@@ -35,10 +38,11 @@ def _bench(args: argparse.Namespace) -> int:
         "depths": tuple(args.depths) if args.depths else None,
         "long_output_tokens": args.long_output_tokens,
         "stream_tokens": args.stream_tokens,
+        "parts": tuple(args.only) if args.only else None,
     }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = run(Engine(load_model()), cfg, plot=args.plot)
     args.plot.with_suffix(".json").write_text(json.dumps(result, indent=1))  # with every probe's row
-    result.pop("rows")
+    result.pop("rows", None)
     print(json.dumps(result))
     return 0
