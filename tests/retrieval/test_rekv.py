@@ -10,7 +10,7 @@ import torch
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
 from retrieval.rekv import ReKV, ReKVConfig
-from retrieval.tasks import fact_stream
+from retrieval.tasks import NAMES, fact_stream
 
 SMALL = dict(block_tokens=32, n_init=32, n_local=128)
 FACT_BLOCKS = [8]
@@ -120,3 +120,22 @@ def test_bad_configs_and_calls(engine):
         r.answer([1, 2, 3], 4, focus=[0, 1])
     with pytest.raises(TypeError, match="answer_cache"):
         engine.forward([1, 2, 3], attention=r.attention)
+
+
+def test_fact_stream_states_facts_in_the_questions_words(engine, texts, stream):
+    """The planted sentence shares the question's tokens (it was once lower-cased, so "Captain Mora"
+    became other tokens), its focus rows are the question's words, and no passage repeats."""
+    assert len(texts) == len(set(texts))
+    tok = engine.tokenizer
+    for fact in stream.facts:
+        words = tok.decode(fact.question[fact.focus])
+        assert words.startswith("\nQuestion:") and words.endswith("?")
+        assert "<|im_end|>" in tok.decode(fact.question[fact.focus.stop :])
+        planted = tok.decode(stream.ids[fact.position : fact.position + 24])
+        assert fact.answer in planted
+        name = next(n for n in NAMES if n in words)
+        assert name in planted
+    every = fact_stream(tok, texts, 640, list(range(1, 17, 2)), block_tokens=32, n_init=32, seed=0)
+    captain = [f for f in every.facts if "Captain Mora" in tok.decode(f.question)]
+    assert len(captain) == 1
+    assert "Captain Mora" in tok.decode(every.ids[captain[0].position : captain[0].position + 24])
