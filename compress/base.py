@@ -154,18 +154,25 @@ def tail_mask(q_index: torch.Tensor, tail_start: int, tail_rows: int) -> torch.T
     return torch.where(allowed, zero, torch.full((), float("-inf"), device=q_index.device))
 
 
+def scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """q `[b, kv, g, rows, d]` . k `[b, kv, n, d]` -> `[b, kv, g, rows, n]` as one plain batched matmul
+    (broadcasting k over the group would make torch copy it on every decode step)."""
+    b, kv, g, r, d = q.shape
+    return (q.reshape(b, kv, g * r, d) @ k.transpose(-1, -2)).view(b, kv, g, r, -1) * scale
+
+
 def attend_parts(scores: list[torch.Tensor], values: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """One softmax over several key groups: scores `[b, kv, g, rows, n_i]`, values `[b, kv, n_i, dim]`.
 
     Returns `[b, kv*g, rows, dim]`. Keeping the groups apart avoids copying keys of different widths
     (ThinK) or different per-head lengths (Chelsea) into one tensor on every decode step.
     """
-    probs = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(dtype)
+    b, kv, g, r, _ = scores[0].shape
+    probs = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(dtype).view(b, kv, g * r, -1)
     out, at = None, 0
     for s, v in zip(scores, values, strict=True):
         n = s.shape[-1]
-        part = probs[..., at : at + n] @ v.unsqueeze(2)
+        part = probs[..., at : at + n] @ v
         out = part if out is None else out + part
         at += n
-    b, kv, g, r, d = out.shape
-    return out.reshape(b, kv * g, r, d)
+    return out.view(b, kv, g, r, -1).reshape(b, kv * g, r, -1)

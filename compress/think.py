@@ -24,6 +24,7 @@ from compress.base import (
     check_fraction,
     group_queries,
     register,
+    scores,
     tail_mask,
     tensor_bytes,
 )
@@ -83,8 +84,8 @@ class ThinKLayer(CompressedLayer):
         q = group_queries(call.q, self.k.shape[1])
         b, h, g, r, d = q.shape
         index = self.channels[:, :, None, None, :].expand(b, h, g, r, self.channels.shape[-1])
-        old = (q.gather(-1, index) @ self.k_pruned.unsqueeze(2).transpose(-1, -2)) * call.scale
-        new = (q @ self.k.unsqueeze(2).transpose(-1, -2)) * call.scale
+        old = scores(q.gather(-1, index), self.k_pruned, call.scale)
+        new = scores(q, self.k, call.scale)
         mask = tail_mask(call.q_index, self.old, self.k.shape[-2])
         new = new if mask is None else new + mask
         values = [self.v[:, :, : self.old], self.v[:, :, self.old :]]

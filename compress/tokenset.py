@@ -15,7 +15,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from compress.base import CompressedLayer, attend_parts, group_queries, tail_mask, tensor_bytes
+from compress.base import CompressedLayer, attend_parts, group_queries, scores, tail_mask, tensor_bytes
 from engine.attention import AttnCall
 
 
@@ -92,10 +92,10 @@ class TokenSetLayer(CompressedLayer):
 
     def attend(self, call: AttnCall) -> torch.Tensor:
         q = group_queries(call.q, self.k.shape[1])
-        kept = (q @ self.k_set.unsqueeze(2).transpose(-1, -2)) * call.scale
+        kept = scores(q, self.k_set, call.scale)
         bias = self.bias()
         kept = kept if bias is None else kept + bias[:, :, None, None, :]
-        tail = (q @ self.k.unsqueeze(2).transpose(-1, -2)) * call.scale
+        tail = scores(q, self.k, call.scale)
         mask = tail_mask(call.q_index, self.tail_start, self.k.shape[-2])
         tail = tail if mask is None else tail + mask
         return attend_parts([kept, tail], [self.v_set, self.v], call.q.dtype)
