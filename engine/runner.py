@@ -103,23 +103,19 @@ class Engine:
         positions = positions.to(self.device, torch.long)
         if positions.shape != (rows,):
             raise ValueError(f"positions must have shape ({rows},), got {tuple(positions.shape)}")
-        self._check_length(int(positions.max()) + 1 if rows else 0)
+        self._check_length(int(positions.max()) + 1)
         q_index = torch.arange(rows, device=self.device) + past
         kept = torch.arange(rows, device=self.device)
         hidden = self.embed_tokens(ids)
         # Every input row has K/V in every layer's context (a hook that replaces the context keeps its
         # length), so the cache's positions grow by exactly the input positions.
         cache.append_positions(positions)
-        state = (hidden, positions, q_index, kept)
+        # RoPE angles depend only on positions: compute them once, not once per layer.
+        state = (hidden, positions, *self.rope(positions), q_index, kept)
         for i, kv in enumerate(cache.layers):
             state = self._layer(i, *state, kv, hook, _pick(attention, i))
-        hidden, _, _, kept = state
+        hidden, kept = state[0], state[-1]
         return ForwardOutput(self._logits(hidden, logits), cache, kept)
-
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor | list[int], cache: KVCache | None = None) -> ForwardOutput:
-        """Forward `ids` (after `cache`, if given) and return the last row's logits and the cache."""
-        return self.forward(ids, cache=cache)
 
     @torch.inference_mode()
     def generate(
@@ -133,7 +129,6 @@ class Engine:
         """Greedy decoding: prefill `ids` after `cache`, then one token per step. Returns (new ids, cache)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        stop = self.stop_ids() if stop is None else stop
         out = self.forward(ids, cache=cache, attention=attention)
         return self.decode(out.logits[0, -1], out.cache, max_new_tokens, attention, stop)
 
@@ -194,7 +189,7 @@ class Engine:
             raise ValueError(f"logits must be 'last', 'all' or 'none', got {which!r}")
         return self.lm_head(self.norm(hidden))
 
-    def _layer(self, i, hidden, positions, q_index, kept, kv: LayerKV, hook, attn_fn):
+    def _layer(self, i, hidden, positions, cos, sin, q_index, kept, kv: LayerKV, hook, attn_fn):
         layer = self.layers[i]
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -203,7 +198,6 @@ class Engine:
         q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = self.rope(positions)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         step = LayerStep(i, hidden, q, k, v, positions, q_index, kv)
         if hook is not None:
@@ -215,13 +209,13 @@ class Engine:
             k_ctx, v_ctx = step.k_ctx, step.v_ctx
         if step.keep is not None:
             keep = step.keep.to(self.device)
-            hidden, q = hidden[:, keep], q[:, :, keep]
+            hidden, q, cos, sin = hidden[:, keep], q[:, :, keep], cos[:, keep], sin[:, keep]
             positions, q_index, kept = positions[keep], q_index[keep], kept[keep]
         call = AttnCall(i, q, k_ctx, v_ctx, q_index, positions, self.scale, kv)
         out = attn_fn(call).transpose(1, 2).reshape(b, q.shape[2], -1)
         hidden = hidden + attn.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, positions, q_index, kept
+        return hidden, positions, cos, sin, q_index, kept
 
 
 def _pick(attention: AttentionFn | Mapping[int, AttentionFn] | None, layer: int) -> AttentionFn:
