@@ -36,11 +36,10 @@ class LayerKV:
         if not n:
             self.k, self.v = k, v  # a prefill: keep the computed tensors, no buffer until decoding
             return k, v
-        if not self._views_own_buffers() or end > self._kbuf.shape[-2]:
-            self._grow(end)
-        self._kbuf[..., n:end, :] = k
-        self._vbuf[..., n:end, :] = v
-        self.k, self.v = self._kbuf[..., :end, :], self._vbuf[..., :end, :]
+        kbuf, vbuf = self._buffers_for(end)
+        kbuf[..., n:end, :] = k
+        vbuf[..., n:end, :] = v
+        self.k, self.v = kbuf[..., :end, :], vbuf[..., :end, :]
         return self.k, self.v
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -49,15 +48,21 @@ class LayerKV:
     def nbytes(self) -> int:
         return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
 
-    def _views_own_buffers(self) -> bool:
-        return (
-            self._kbuf is not None
-            and self.k.data_ptr() == self._kbuf.data_ptr()
-            and self.v.data_ptr() == self._vbuf.data_ptr()
-            and self.k.shape[:-2] == self._kbuf.shape[:-2]
+    def _buffers_for(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers `k`/`v` live in, grown (or started) when they lack room for `end` rows."""
+        kbuf, vbuf = self._kbuf, self._vbuf
+        own = (
+            kbuf is not None
+            and vbuf is not None
+            and self.k.data_ptr() == kbuf.data_ptr()
+            and self.v.data_ptr() == vbuf.data_ptr()
+            and self.k.shape[:-2] == kbuf.shape[:-2]
         )
+        if not own or kbuf is None or vbuf is None or end > kbuf.shape[-2]:
+            kbuf, vbuf = self._grow(end)
+        return kbuf, vbuf
 
-    def _grow(self, need: int) -> None:
+    def _grow(self, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         # A quarter more (at least 64 rows): few copies over a long decode, little idle memory.
         capacity = max(need, self.length + max(64, self.length // 4))
         shape = (*self.k.shape[:-2], capacity, self.k.shape[-1])
@@ -65,6 +70,7 @@ class LayerKV:
         kbuf[..., : self.length, :] = self.k
         vbuf[..., : self.length, :] = self.v
         self._kbuf, self._vbuf = kbuf, vbuf
+        return kbuf, vbuf
 
 
 class KVCache:

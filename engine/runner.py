@@ -202,11 +202,13 @@ class Engine:
         step = LayerStep(i, hidden, q, k, v, positions, q_index, kv)
         if hook is not None:
             hook(step)
-        if step.k_ctx is None:
+        if (step.k_ctx is None) != (step.v_ctx is None):
+            raise ValueError(f"layer {i}: a hook set only one of k_ctx/v_ctx; set both or neither")
+        if step.k_ctx is None or step.v_ctx is None:
             k_ctx, v_ctx = kv.update(step.k, step.v)
         else:
-            kv.replace(step.k_ctx, step.v_ctx)
             k_ctx, v_ctx = step.k_ctx, step.v_ctx
+            kv.replace(k_ctx, v_ctx)
         if step.keep is not None:
             keep = step.keep.to(self.device)
             hidden, q, cos, sin = hidden[:, keep], q[:, :, keep], cos[:, keep], sin[:, keep]
