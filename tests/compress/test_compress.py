@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -320,36 +322,40 @@ def test_bench_baselines_hold_the_same_bytes_as_the_method_they_match(engine, te
     assert held["think_0.4"] < 0.85 * held["full"] and held["chelsea_0.25"] < 0.5 * held["full"]
 
 
-def _merge_by_hand(keys: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec's passes written plainly, one a at a time: returns the centroids and their sizes."""
-    items = [(i, keys[i], 1.0) for i in range(len(keys))]
-    while len(items) > target:
-        a_side, b_side = items[0::2], [list(b) for b in items[1::2]]
-        edges = []
-        for ai, a in enumerate(a_side):
-            sims = torch.stack([torch.cosine_similarity(a[1], b[1], dim=0) for b in b_side])
-            edges.append((float(sims.max()), ai, int(sims.argmax())))
+def _merge_by_hand(keys: torch.Tensor, target: int, per_pass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The passes written plainly for one head's chunks `[n, c, d]`, one edge at a time."""
+    chunks = [[[i, keys[j, i], 1.0] for i in range(keys.shape[1])] for j in range(keys.shape[0])]
+    total = keys.shape[0] * target
+    while (count := sum(len(ch) for ch in chunks)) > total:
+        edges = []  # (similarity, chunk, a, b)
+        for ch in chunks:
+            a_side, b_side = ch[0::2], ch[1::2]
+            for a in a_side if b_side else []:
+                sims = torch.stack([torch.cosine_similarity(a[1], b[1], dim=0) for b in b_side])
+                edges.append((float(sims.max()), ch, a, b_side[int(sims.argmax())]))
         edges.sort(key=lambda e: -e[0])
-        r = min(len(items) - target, len(a_side))
-        for _, ai, j in edges[:r]:
-            _, ka, ma = a_side[ai]
-            slot, kb, mb = b_side[j]
-            b_side[j] = [slot, (kb * mb + ka * ma) / (mb + ma), mb + ma]
-        kept = [a_side[ai] for ai in sorted(e[1] for e in edges[r:])]
-        items = sorted(kept + [tuple(b) for b in b_side], key=lambda x: x[0])
+        r = min(count - total, max(1, math.ceil(per_pass * len(edges))))
+        for _, ch, a, b in edges[:r]:
+            b[1], b[2] = (b[1] * b[2] + a[1] * a[2]) / (b[2] + a[2]), b[2] + a[2]
+            ch.remove(a)
+    items = [x for ch in chunks for x in ch]
     return torch.stack([x[1] for x in items]), torch.tensor([x[2] for x in items], dtype=keys.dtype)
 
 
 @pytest.mark.parametrize("target", [8, 4, 3])
-def test_merge_passes_match_a_plain_implementation(target):
+@pytest.mark.parametrize("per_pass", [0.25, 1.0])
+def test_merge_passes_match_a_plain_implementation(target, per_pass):
     from compress.chelsea import merge_chunks
 
     gen = torch.Generator().manual_seed(target)
-    k = torch.randn(4, 16, 8, generator=gen, dtype=torch.float64)
-    out = merge_chunks(k, torch.randn(4, 16, 8, generator=gen, dtype=torch.float64), target)
-    for n in range(4):
-        keys, sizes = _merge_by_hand(k[n], target)
-        assert torch.allclose(out.k[n], keys) and torch.equal(out.m[n], sizes)
+    k = torch.randn(3, 4, 16, 8, generator=gen, dtype=torch.float64)
+    keys, _, sizes = merge_chunks(
+        k, torch.randn(3, 4, 16, 8, generator=gen, dtype=torch.float64), target, per_pass
+    )
+    assert keys.shape == (3, 4 * target, 8)
+    for n in range(3):
+        by_hand, by_hand_sizes = _merge_by_hand(k[n], target, per_pass)
+        assert torch.allclose(keys[n], by_hand) and torch.equal(sizes[n], by_hand_sizes)
 
 
 def test_bench_runs_end_to_end_on_a_short_text(engine, shared_data, tmp_path):
