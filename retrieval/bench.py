@@ -24,7 +24,7 @@ from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
 from retrieval.louiskv import LouisKV, LouisKVConfig
 from retrieval.rekv import ReKV, ReKVConfig
-from retrieval.tasks import fact_stream, needle, passages, passkey
+from retrieval.tasks import FACTS, fact_stream, needle, passages, passkey
 
 EVERY_STEP = 2.0  # a tau above 1: retrieve at every step
 PARTS = ("accuracy", "long_output", "rekv")
@@ -39,8 +39,8 @@ class BenchConfig:
     long_prompt_tokens: int = 1024
     long_output_tokens: int = 256
     long_budget: int = 512
-    stream_tokens: int = 4096
-    stream_facts: int = 6
+    stream_tokens: tuple[int, ...] = (4096, 8000)
+    stream_facts: int = 6  # per 4K tokens (at most 8)
     rekv: ReKVConfig = field(default_factory=ReKVConfig)
     threads: int = 1
     parts: tuple[str, ...] = PARTS  # which measurements to run (the plot needs all of them)
@@ -59,7 +59,7 @@ class BenchConfig:
             long_prompt_tokens=512,
             long_output_tokens=32,
             long_budget=256,
-            stream_tokens=1024,
+            stream_tokens=(1024,),
             stream_facts=3,
             rekv=ReKVConfig(block_tokens=32, n_local=128, top_k=4),
         )
@@ -148,12 +148,15 @@ def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str,
     return result
 
 
-def rekv(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str, Any]:
-    """Block recall@k and answer accuracy for facts planted at known blocks, vs the full cache."""
+def rekv(engine: Engine, cfg: BenchConfig, texts: list[str], tokens: int) -> dict[str, Any]:
+    """Block recall@k and answer accuracy for facts planted at known blocks of a `tokens`-long stream
+    (evenly spread, `stream_facts` per 4K tokens), vs the full cache."""
     c = cfg.rekv
-    blocks_total = (cfg.stream_tokens - c.n_init) // c.block_tokens
-    blocks = [int((i + 0.5) * blocks_total / cfg.stream_facts) for i in range(cfg.stream_facts)]
-    stream = fact_stream(engine.tokenizer, texts, cfg.stream_tokens, blocks, c.block_tokens, c.n_init, seed=7)
+    blocks_total = (tokens - c.n_init) // c.block_tokens
+    n_facts = min(len(FACTS), max(1, cfg.stream_facts * tokens // 4096))
+    blocks = [int((i + 0.5) * blocks_total / n_facts) for i in range(n_facts)]
+    seed = 7 if tokens == 4096 else tokens  # 7: the stream of the earlier README runs
+    stream = fact_stream(engine.tokenizer, texts, tokens, blocks, c.block_tokens, c.n_init, seed=seed)
     r = ReKV(engine, c, _store())
     start = time.perf_counter()
     r.encode(stream.ids)
@@ -222,7 +225,7 @@ def run(engine: Engine, cfg: BenchConfig, plot: Path | None = None) -> dict[str,
     if "long_output" in cfg.parts:
         result["long_output"] = long_output(engine, cfg, texts)
     if "rekv" in cfg.parts:
-        result["rekv"] = rekv(engine, cfg, texts)
+        result["rekv"] = [rekv(engine, cfg, texts, n) for n in cfg.stream_tokens]
     result["wall_s"] = time.perf_counter() - start
     if plot is not None and set(cfg.parts) == set(PARTS):
         draw(result, plot)
@@ -250,10 +253,17 @@ def draw(result: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=7)
-    facts = result["rekv"]["facts"]
-    axes[2].bar([str(f["block"]) for f in facts], [f["recall"] for f in facts])
-    axes[2].set_title(f"ReKV recall@{result['rekv']['top_k']} per planted block (layers averaged)")
-    axes[2].set_ylim(0, 1)
+    for i, stream in enumerate(result["rekv"]):
+        facts = stream["facts"]
+        xs = [i * 10 + j for j in range(len(facts))]
+        label = f"{stream['stream_tokens']} tokens, {stream['blocks']} blocks"
+        axes[2].bar(xs, [f["recall"] for f in facts], label=label)
+        for x, f in zip(xs, facts, strict=True):
+            axes[2].text(x, 0.02, str(f["block"]), ha="center", fontsize=7, rotation=90)
+    axes[2].set_xticks([])
+    axes[2].set_title(f"ReKV recall@{result['rekv'][0]['top_k']} per planted block (label: block id)")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

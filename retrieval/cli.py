@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     bench.add_argument("--budgets", type=int, nargs="+", help="LouisKV budgets (resident tokens per head)")
     bench.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1]")
     bench.add_argument("--long-output-tokens", type=int, help="tokens generated for the agreement test")
-    bench.add_argument("--stream-tokens", type=int, help="ReKV stream length")
+    bench.add_argument("--stream-tokens", type=int, nargs="+", help="ReKV stream lengths")
     bench.add_argument(
         "--only", nargs="+", help="run only these parts: accuracy, long_output, rekv (no plot unless all)"
     )
@@ -37,7 +37,7 @@ def _bench(args: argparse.Namespace) -> int:
         "budgets": tuple(args.budgets) if args.budgets else None,
         "depths": tuple(args.depths) if args.depths else None,
         "long_output_tokens": args.long_output_tokens,
-        "stream_tokens": args.stream_tokens,
+        "stream_tokens": tuple(args.stream_tokens) if args.stream_tokens else None,
         "parts": tuple(args.only) if args.only else None,
     }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -4,22 +4,27 @@ Encoding: the stream is forwarded block by block with sliding-window attention (
 plus the last `n_local`); every finished block's KV goes to the kvstore as one entry per layer, and its
 mean key per layer and KV head is kept as the block's representative. Only the window stays resident.
 
-Answering: the question's representative query at a layer (the mean of its queries; only the rows in
-`focus`, e.g. without the chat template's closing tokens) scores the blocks against their representative
-keys, summed over query heads. Keys and queries are rotated back to position 0 (as InfLLM/ReKV score
-un-rotated vectors), so a block is matched by content rather than by its distance to the question.
+Answering, scoring="keys" (default here): the question runs over the sliding window; its keys at the
+index layers (layer 2 by default), rotated back to position 0, are compared by cosine with every stored
+token key of those layers (kept resident as a small index: 1/30 of the stream's KV per index layer on
+SmolLM2-135M); a block's score is the sum over the question's focus rows and KV heads of its best
+token's cosine, z-normalized per index layer, and one top-k serves all layers. Why not the paper's
+query-key score: on this model the question's queries are dominated by a question-independent part, so
+every question picked the same 8 blocks of a 4K stream (recall 0.33: the two fact blocks among them were
+found by any question); per-token query maxima or centred queries did not fix it, while at layers 1-11
+the question's keys rank each fact's block first (a lexical-like match), and only at token level: block
+or 4-token mean keys lose the fact inside 64 tokens of prose (README "Retrieval").
 
-Two options, measured on SmolLM2-135M (README "Retrieval"):
-- `representative`: "mean" (the paper's mean key, default) or "minmax", each block's per-channel min and
-  max key scored as `sum_c max(q_c min_c, q_c max_c)` (Quest's bound on the block's best key), meant for
-  a short fact inside a long block of prose, which barely moves the block's mean key. Neither wins
-  consistently here: minmax was better on a 2K stream, worse on the 4K one.
-- `selection`: "shared" (default) first runs the question over the sliding window (initial + local
-  tokens, as the stream left it) to get every layer's queries, z-normalizes each layer's block scores and
-  picks one top-k for all layers; "layer" (the paper's) picks per layer during the answer's prefill. Many
-  layers of this model do not attend by content: even the question's true attention over the full cache
-  ranks a fact's block in its top 8 at only about half the layers, so a per-layer pick cannot reach a
-  high recall, while the layers that do attend by content agree.
+Answering, scoring="query" (the paper's): the question's representative query at a layer (the mean of its
+queries; only the rows in `focus`, e.g. without the chat template's closing tokens) scores the blocks
+against their representative keys, summed over query heads. Keys and queries are rotated back to position
+0 (as InfLLM/ReKV score un-rotated vectors), so a block is matched by content rather than by its distance
+to the question. Two options:
+- `representative`: "mean" (the paper's mean key) or "minmax", each block's per-channel min and max key
+  scored as `sum_c max(q_c min_c, q_c max_c)` (Quest's bound on the block's best key).
+- `selection`: "shared" first runs the question over the sliding window (initial + local tokens, as the
+  stream left it) to get every layer's queries, z-normalizes each layer's block scores and picks one
+  top-k for all layers; "layer" (the paper's) picks per layer during the answer's prefill.
 
 The top-k blocks are fetched (through a small LRU of (block, layer) entries) and laid out in time order
 after the initial tokens, followed by the unfinished tail of the stream. Keys are re-rotated to contiguous
@@ -44,6 +49,7 @@ from retrieval.offload import Unit
 
 REPRESENTATIVES = ("minmax", "mean")
 SELECTIONS = ("shared", "layer")
+SCORINGS = ("keys", "query")
 
 
 @dataclass
@@ -51,18 +57,35 @@ class ReKVConfig:
     """block_tokens: tokens per stored block (a text "frame"). n_init: always-kept first tokens.
     n_local: sliding-window length while encoding (>= block_tokens). top_k: blocks retrieved per layer.
     lru_blocks: (block, layer) entries kept in fast memory between questions (0: none).
-    representative: "mean" (the paper's mean key) or "minmax" (per-channel min/max keys, Quest's bound).
-    selection: "shared" (one top-k from all layers' scores) or "layer" (top-k per layer, the paper's)."""
+    scoring: "keys" (the question's keys vs the stored token keys of `index_layers`, one top-k for all
+        layers) or "query" (the paper's: mean question query vs each block's representative key).
+    index_layers: layers whose token keys are kept resident as the "keys" index (early layers match
+        tokens by identity; measured on SmolLM2-135M: every layer of 1-11 ranks a planted fact's block
+        first on a 4K stream).
+    representative / selection (scoring="query" only): "mean" (the paper's mean key) or "minmax"
+        (per-channel min/max keys, Quest's bound); "shared" (one top-k from all layers' scores) or
+        "layer" (top-k per layer, the paper's)."""
 
     block_tokens: int = 64
     n_init: int = 32
     n_local: int = 512
     top_k: int = 8
     lru_blocks: int = 240
+    scoring: str = "keys"
+    index_layers: tuple[int, ...] = (2,)
     representative: str = "mean"
     selection: str = "shared"
 
     def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"ReKVConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        self.index_layers = tuple(self.index_layers)
+        if not self.index_layers or any(
+            not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.index_layers
+        ):
+            raise ValueError(f"ReKVConfig.index_layers must be ints >= 0, got {self.index_layers!r}")
+        if self.scoring == "keys" and self.selection == "layer":
+            raise ValueError('selection="layer" picks per layer by query: it needs scoring="query"')
         if self.representative not in REPRESENTATIVES:
             raise ValueError(
                 f"ReKVConfig.representative must be one of {REPRESENTATIVES}, got {self.representative!r}"
@@ -92,6 +115,11 @@ class ReKV(Retriever):
         self.config = config or ReKVConfig()
         if not isinstance(self.config, ReKVConfig):
             raise TypeError(f"config must be a ReKVConfig, got {type(self.config).__name__}")
+        layers = engine.spec.num_layers
+        if max(self.config.index_layers) >= layers:
+            raise ValueError(
+                f"index_layers {self.config.index_layers} out of range for a {layers}-layer model"
+            )
         super().__init__(engine, store, block_tokens=self.config.block_tokens)
         self.shift = RopeShift.for_engine(engine)
         self.window = engine.new_cache()
@@ -99,6 +127,8 @@ class ReKV(Retriever):
         # per block: [layers, reps, kv_heads, d], un-rotated keys' (min, max) or (mean,)
         self.block_reps: list[torch.Tensor] = []
         self.block_starts: list[int] = []
+        # scoring="keys": per index layer, per block the unit-norm un-rotated token keys [kv_heads, n, d]
+        self.key_index: dict[int, list[torch.Tensor]] = {}
         self.last_selection: dict[int, list[int]] = {}  # layer -> block ids of the last question
         self._lru: OrderedDict[tuple[int, int], Unit] = OrderedDict()
         self._answer_bytes = 0
@@ -115,12 +145,19 @@ class ReKV(Retriever):
         answer = c.n_init + (c.top_k + 1) * c.block_tokens
         per_layer_token = self.engine.spec.kv_bytes_per_token // self.engine.spec.num_layers
         return (
-            window + answer
-        ) * self.engine.spec.kv_bytes_per_token + c.lru_blocks * c.block_tokens * per_layer_token
+            (window + answer) * self.engine.spec.kv_bytes_per_token
+            + c.lru_blocks * c.block_tokens * per_layer_token
+            + self.index_bytes()
+        )
+
+    def index_bytes(self) -> int:
+        """The "keys" index: fp32 keys (no values) of the index layers for every stored token. It grows
+        with the stream, at len(index_layers) / (2 * layers) of the stream's KV (fp32 KV: 1/60 here)."""
+        return sum(t.nelement() * t.element_size() for blocks in self.key_index.values() for t in blocks)
 
     def resident_bytes(self) -> int:
         lru = sum(u.k.nelement() * u.k.element_size() * 2 for u in self._lru.values())
-        return self.window.nbytes() + lru + self._answer_bytes
+        return self.window.nbytes() + lru + self._answer_bytes + self.index_bytes()
 
     @property
     def num_blocks(self) -> int:
@@ -163,7 +200,10 @@ class ReKV(Retriever):
         for i, layer in enumerate(self.window.layers):
             k, v = layer.k[0, :, -n:], layer.v[0, :, -n:]
             self.units.put(self.units.key(block, i), Unit(k, v, positions), layer=i, block=block)
-            reps.append(self._representative(self.shift.shift(k, -positions).float()))
+            plain = self.shift.shift(k, -positions).float()
+            reps.append(self._representative(plain))
+            if self.config.scoring == "keys" and i in self.config.index_layers:
+                self.key_index.setdefault(i, []).append(torch.nn.functional.normalize(plain, dim=-1))
         self.block_reps.append(torch.stack(reps))
         self.block_starts.append(int(positions[0]))
 
@@ -205,7 +245,9 @@ class ReKV(Retriever):
         cache = self.answer_cache()
         positions = torch.arange(len(cache), len(cache) + question.numel())
         try:
-            if self.config.selection == "shared":
+            if self.config.scoring == "keys":
+                self._shared = self.key_selection(question)
+            elif self.config.selection == "shared":
                 self._shared = self.shared_selection(question)
             out = self.engine.forward(question, cache=cache, positions=positions, attention=self.attention)
             new, _ = self.engine.decode(out.logits[0, -1], cache, max_new_tokens, self.attention, stop)
@@ -255,28 +297,61 @@ class ReKV(Retriever):
             return per_channel.amax(1).sum((1, 2))
         return per_channel[:, 0].sum((1, 2))
 
+    def key_selection(self, question: torch.Tensor) -> list[int]:
+        """One top-k for all layers from `key_scores` (with the current focus rows)."""
+        if self.num_blocks <= self.config.top_k:
+            return list(range(self.num_blocks))
+        return self._top(self.key_scores(question, self._focus))
+
+    def key_scores(self, question: torch.Tensor | list[int], focus: slice | None = None) -> torch.Tensor:
+        """`[blocks]` scores from the question's keys at the index layers: per layer and block, the sum
+        over `focus` rows and KV heads of the best cosine with one of the block's token keys; the
+        layers' scores are z-normalized and summed."""
+        question = torch.as_tensor(question).view(-1)
+        focus = self._check_focus(focus, question.numel())
+        if not self.key_index:
+            raise ValueError('no key index: it is built while encoding with scoring="keys"')
+        passes = self._question_pass(question, set(self.config.index_layers))
+        scores = []
+        for i in self.config.index_layers:
+            _, positions, k = passes[i]
+            rows = self.shift.shift(k[0].float(), -positions.cpu())[:, focus]  # [kv, rows, d]
+            rows = torch.nn.functional.normalize(rows, dim=-1)
+            index = torch.stack(self.key_index[i])  # [blocks, kv, n, d]
+            scores.append(torch.einsum("hrd,bhnd->bhrn", rows, index).amax(3).sum((1, 2)))
+        return _zsum(torch.stack(scores))
+
     def shared_selection(self, question: torch.Tensor) -> list[int]:
         """One top-k for all layers: the question runs over the sliding window (then is dropped from it)
         to give every layer's queries; each layer's block scores are z-normalized and summed."""
         if self.num_blocks <= self.config.top_k:
             return list(range(self.num_blocks))
-        queries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        passes = self._question_pass(question, set(range(len(self.window.layers))))
+        scores = torch.stack([self.block_scores(i, q, pos) for i, (q, pos, _) in sorted(passes.items())])
+        return self._top(_zsum(scores))
+
+    def _question_pass(
+        self, question: torch.Tensor, layers: set[int]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The question forwarded over the sliding window (then dropped from it): per layer in `layers`,
+        its queries, their positions and its own (post-RoPE) keys."""
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        n = question.numel()
 
         def capture(call: AttnCall) -> torch.Tensor:
-            queries[call.layer] = (call.q, call.q_positions)
+            if call.layer in layers:
+                seen[call.layer] = (call.q, call.q_positions, call.k[:, :, -n:])
             return causal_attention(call)
 
         rows = len(self.window)
-        positions = torch.arange(self.stream_len, self.stream_len + question.numel())
+        positions = torch.arange(self.stream_len, self.stream_len + n)
         try:
             self.engine.forward(
                 question, cache=self.window, positions=positions, attention=capture, logits="none"
             )
         finally:
             self.window.truncate(rows)
-        scores = torch.stack([self.block_scores(i, *queries[i]) for i in sorted(queries)])
-        z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp(min=1e-6)
-        return self._top(z.sum(0))
+        return seen
 
     def _top(self, scores: torch.Tensor) -> list[int]:
         return sorted(torch.topk(scores, min(self.config.top_k, scores.numel())).indices.tolist())
@@ -344,6 +419,12 @@ class ReKV(Retriever):
     def _tail_rows(self) -> int:
         """Stream tokens after the last finished block (still only in the window)."""
         return max(0, self.stream_len - self.config.n_init) % self.config.block_tokens
+
+
+def _zsum(scores: torch.Tensor) -> torch.Tensor:
+    """`[layers, blocks]` scores z-normalized per layer (their scales differ a lot), summed over layers."""
+    z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp(min=1e-6)
+    return z.sum(0)
 
 
 class ReKVLayer(LayerKV):

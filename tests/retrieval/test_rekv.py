@@ -25,7 +25,8 @@ def stream(engine, texts):
 def encoded(engine, stream):
     store = TieredStore(StoreConfig(host_bytes=1 << 30, write_behind=False))
     # The paper's setting (mean keys, top-k per layer); the shared selection has its own test below.
-    r = ReKV(engine, ReKVConfig(top_k=4, representative="mean", selection="layer", **SMALL), store)
+    config = ReKVConfig(top_k=4, scoring="query", representative="mean", selection="layer", **SMALL)
+    r = ReKV(engine, config, store)
     r.encode(stream.ids[:250])  # streamed in two arrivals, the second starting mid-block
     r.encode(stream.ids[250:])
     return r
@@ -73,6 +74,22 @@ def test_shared_selection_gives_every_layer_the_facts_block(engine, stream, enco
     assert r.block_of(fact.position) in chosen
 
 
+def test_key_scoring_ranks_the_facts_block_first(engine, stream):
+    """The default scoring: the question's keys at the index layer against every stored token key."""
+    r = ReKV(engine, ReKVConfig(top_k=4, **SMALL))
+    r.encode(stream.ids)
+    fact = stream.facts[0]
+    scores = r.key_scores(fact.question, fact.focus)
+    want = r.block_of(fact.position)
+    assert int(scores.argmax()) == want, f"block {want} ranked {int((scores > scores[want]).sum())}"
+    r.answer(fact.question, 1, stop=set(), focus=fact.focus)
+    assert all(want in sel for sel in r.last_selection.values())
+    # the index is resident: keys (no values) of one layer for every stored token, within the budget
+    per_layer_token = engine.spec.kv_bytes_per_token // engine.spec.num_layers
+    assert r.index_bytes() == r.num_blocks * 32 * per_layer_token // 2
+    assert r.stats.peak_resident_bytes <= r.budget_bytes
+
+
 def test_stream_kv_lives_in_the_store_within_the_budget(engine, encoded):
     r = encoded
     host = r.store.stats()["tiers"]["host"]
@@ -110,6 +127,12 @@ def test_bad_configs_and_calls(engine):
         ReKVConfig(representative="max")
     with pytest.raises(ValueError, match="selection"):
         ReKVConfig(selection="global")
+    with pytest.raises(ValueError, match="scoring"):
+        ReKVConfig(scoring="attention")
+    with pytest.raises(ValueError, match="needs scoring"):
+        ReKVConfig(selection="layer")
+    with pytest.raises(ValueError, match="index_layers"):
+        ReKV(engine, ReKVConfig(index_layers=(30,), **SMALL))
     r = ReKV(engine, ReKVConfig(**SMALL))
     with pytest.raises(ValueError, match="empty"):
         r.answer([1, 2, 3], 4)
