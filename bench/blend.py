@@ -1,17 +1,29 @@
 """Benchmark of fusing cached passages: TTFT and quality of full prefill, full reuse, CacheBlend, APE.
 
-    .venv/bin/python bench/blend.py --quick                 # 3 NQ items (8 passages) + 1 MuSiQue item
-    .venv/bin/python bench/blend.py --nq 30 --musique 3     # what the README reports
-    .venv/bin/python bench/blend.py                         # the full size: 200 NQ + 20 MuSiQue items
+    .venv/bin/python bench/blend.py --quick                  # 3 NQ items (8 passages) + 1 MuSiQue item
+    .venv/bin/python bench/blend.py --out bench/out/blend.jsonl --resume   # 200 NQ + 20 MuSiQue, resumable
+    .venv/bin/python bench/blend.py --out X.jsonl --resume --methods ape_tuned   # add a method later
+    .venv/bin/python bench/blend.py --out X.jsonl --report   # summarize what X.jsonl holds, run nothing
 
-Items: NQ-open oracle (the gold passage plus gold passages of other questions as distractors, gold
-position drawn with a fixed seed; 15 passages is about 2K tokens) and MuSiQue (first 6 passages, about
-3K tokens). Every method runs on the same items with the same real model (SmolLM2-135M-Instruct).
+Items: NQ-open oracle (a question's gold passage plus gold passages of other questions of a fixed pool as
+distractors; the pool and each item's distractors and gold position are drawn with fixed seeds, so an
+item is the same whatever --nq is; 15 passages is about 2K tokens) and MuSiQue (first 6 passages, about
+3.6K tokens). Every method runs on the same items with the same real model (SmolLM2-135M-Instruct); each
+passage's KV is computed once (behind the shared prefix) and stored in both tiers, for all methods and
+all items that use it.
+
 Quality: gold-answer F1 / exact match / answer hit (a gold answer appears in the output) and fidelity to
 full prefill (first-token top-1 agreement, KL(full || method) of the first token, token F1 and exact
 match of the 32-token greedy output vs full prefill's). Speed: TTFT (loading + fusing, to the first
-token's logits) with the passages' KV in the host tier, and in the disk tier with its files dropped from
-the page cache first. Prints one JSON line; writes bench/out/blend.json and bench/out/blend.png.
+token's logits) with the passages' KV in the host tier, and (every --disk-every items) in the disk tier
+with its files dropped from the page cache first.
+
+Resumable: each item's results are appended to the --out JSONL as soon as it is done; with --resume, items
+whose requested methods are all there are skipped, and lines of the same item merge (so methods can run
+in separate passes). Full prefill's first-token logits and greedy tokens are kept per item (safetensors,
+next to the JSONL) so a later pass can score a method against them without recomputing. The summary
+(JSON, printed and written to the .json beside the JSONL) and the plot cover the items that have every
+method, and say how many those are.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -56,24 +69,36 @@ METHODS = {
     "ape": ("ape", None, APEConfig(0.9, 0.9)),
     "parallel": ("parallel", None, None),
 }
+DEFAULT_METHODS = list(METHODS)
+
+
+def add_ape_method(spec: str) -> str:
+    """Register an extra APE row from "name:T:S[:merge]" (e.g. ape_tuned:0.5:1.0:shifted)."""
+    name, *rest = spec.split(":")
+    if not name or name in METHODS or len(rest) not in (2, 3):
+        raise SystemExit(f"--ape-extra must be a new name:T:S[:merge], got {spec!r}")
+    METHODS[name] = ("ape", None, APEConfig(float(rest[0]), float(rest[1]), *rest[2:]))
+    return name
 
 
 # ---- data ----------------------------------------------------------------------------------------
 
 
-def nq_items(n: int, k: int, seed: int = 0) -> list[dict]:
+def nq_items(n: int, k: int, pool: int = 200, seed: int = 0) -> list[dict]:
+    """The first n questions of a seeded order; distractors are gold passages of the first `pool`
+    questions (a shared corpus, as in RAG: one passage's KV serves every item that retrieves it)."""
     with gzip.open(data_dir() / "rag" / "nq-open-oracle.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f]
-    rng = random.Random(seed)
-    order = rng.sample(range(len(rows)), len(rows))
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    corpus = order[: max(pool, k, n)]
     items = []
     for i in order[:n]:
-        gold = rows[i]["ctxs"][0]
-        others = [rows[j]["ctxs"][0] for j in rng.sample(range(len(rows)), k + 5) if j != i][: k - 1]
-        ctxs = others[:]
-        ctxs.insert(rng.randrange(k), gold)
+        rng = random.Random(f"{seed}:{i}")  # per item: the same item whatever n is
+        ctxs = [rows[j]["ctxs"][0] for j in rng.sample([j for j in corpus if j != i], k - 1)]
+        ctxs.insert(rng.randrange(k), rows[i]["ctxs"][0])
         items.append(
             {
+                "key": f"nq-{i}",
                 "dataset": "nq",
                 "question": rows[i]["question"],
                 "answers": rows[i]["answers"],
@@ -87,12 +112,13 @@ def musique_items(n: int, k: int) -> list[dict]:
     rows = json.loads((data_dir() / "rag" / "musique_s.json").read_text())
     return [
         {
+            "key": f"musique-{i}",
             "dataset": "musique",
             "question": r["question"],
             "answers": r["answers"],
             "passages": [f"{c['title']}\n{c['text']}" for c in r["ctxs"][:k]],
         }
-        for r in rows[:n]
+        for i, r in enumerate(rows[:n])
     ]
 
 
@@ -127,6 +153,49 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
+def fidelity(
+    ref_logits: torch.Tensor, ref_tokens: list[int], logits: torch.Tensor, tokens: list[int]
+) -> dict:
+    return {
+        "top1": float(int(logits.argmax()) == int(ref_logits.argmax())),
+        "kl": kl(ref_logits, logits),
+        "out_f1": f1([str(t) for t in tokens], [str(t) for t in ref_tokens]),
+        "out_em": float(tokens == ref_tokens),
+    }
+
+
+# ---- results on disk -----------------------------------------------------------------------------
+
+
+def load_results(paths: list[Path]) -> dict[str, dict]:
+    """Item key -> merged record (methods of every line of that item)."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            have = merged.setdefault(rec["key"], {**rec, "methods": {}})
+            have["methods"].update(rec["methods"])
+    return merged
+
+
+def ref_path(out: Path, key: str) -> Path:
+    return out.with_suffix("").parent / f"{out.with_suffix('').name}_ref" / f"{key}.safetensors"
+
+
+def save_ref(path: Path, logits: torch.Tensor, tokens: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"logits": logits.float().contiguous(), "tokens": torch.tensor(tokens, dtype=torch.long)}, path)
+
+
+def load_ref(path: Path) -> tuple[torch.Tensor, list[int]]:
+    t = load_file(path)
+    return t["logits"], t["tokens"].tolist()
+
+
 # ---- running -------------------------------------------------------------------------------------
 
 
@@ -141,44 +210,56 @@ def drop_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def put_passages(engine, fusers, prompt) -> None:
-    """Encode each passage once behind the prefix and store it in every store (host and disk)."""
+def put_passages(engine, fusers, prompt) -> int:
+    """Encode each passage the stores lack once behind the prefix and store it in both tiers."""
     host = fusers["host"]
     prefix = host.prefix_cache(prompt.prefix, len(prompt.prefix))
+    computed = 0
     for ids in prompt.passages:
-        if host.connector.has_segment(ids):
+        if all(f.connector.has_segment(ids) for f in fusers.values()):
             continue
         kv, positions = encode_segment(engine, prefix, ids)
         for f in fusers.values():
             f.connector.put_segment(ids, kv, positions)
+        computed += 1
     for f in fusers.values():
         f.prefix_cache(prompt.prefix, len(prompt.prefix))
         f.connector.kvstore.flush()
+    return computed
 
 
-def run_item(engine, tok, fusers, disk_dir, item, new_tokens, methods) -> dict:
+def run_item(engine, tok, fusers, disk_dir, item, args, methods, with_disk: bool) -> dict:
     prompt = build_chat(tok, item["question"], item["passages"])
-    put_passages(engine, fusers, prompt)
+    t0 = time.perf_counter()
+    computed = put_passages(engine, fusers, prompt)
     stop = engine.stop_ids()
-    out = {"dataset": item["dataset"], "tokens": len(prompt.ids), "methods": {}}
-    ref_logits, ref_tokens = None, []
+    out = {
+        "key": item["key"],
+        "dataset": item["dataset"],
+        "tokens": len(prompt.ids),
+        "encoded_passages": computed,
+        "encode_s": round(time.perf_counter() - t0, 3),
+        "methods": {},
+    }
+    ref = ref_path(Path(args.out), item["key"])
+    found = [r for r in (ref_path(Path(o), item["key"]) for o in [args.out, *args.merge]) if r.exists()]
+    ref_logits, ref_tokens = load_ref(found[0]) if found else (None, None)
     for name in methods:
         method, bcfg, acfg = METHODS[name]
         fused = fusers["host"].fuse(prompt, method, bcfg, acfg)
-        tokens, _ = engine.decode(fused.logits, fused.cache, new_tokens)
+        tokens, _ = engine.decode(fused.logits, fused.cache, args.new_tokens, fused.decode_attention)
         text = tok.decode([t for t in tokens if t not in stop]).strip()
         row = {"ttft_host_s": fused.ttft_s, "text": text, **gold_scores(text, item["answers"])}
         if fused.stats is not None:
             row["recompute_fraction"] = fused.stats.recompute_fraction()
         if name == "full_prefill":
             ref_logits, ref_tokens = fused.logits, tokens
+            save_ref(ref, fused.logits, tokens)
         else:
-            row["top1"] = float(int(fused.logits.argmax()) == int(ref_logits.argmax()))
-            row["kl"] = kl(ref_logits, fused.logits)
-            row["out_f1"] = f1([str(t) for t in tokens], [str(t) for t in ref_tokens])
-            row["out_em"] = float(tokens == ref_tokens)
-            drop_page_cache(disk_dir)
-            row["ttft_disk_s"] = fusers["disk"].fuse(prompt, method, bcfg, acfg).ttft_s
+            row.update(fidelity(ref_logits, ref_tokens, fused.logits, tokens))
+            if with_disk:
+                drop_page_cache(disk_dir)
+                row["ttft_disk_s"] = fusers["disk"].fuse(prompt, method, bcfg, acfg).ttft_s
         out["methods"][name] = row
     return out
 
@@ -187,22 +268,36 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
     summary = {}
     for name in methods:
         rows = [r["methods"][name] for r in results]
-        s = {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key != "text"}
+        keys = [k for k in rows[0] if k not in ("text", "ttft_disk_s")]
+        s = {key: statistics.mean(row[key] for row in rows) for key in keys}
+        disk = [row["ttft_disk_s"] for row in rows if "ttft_disk_s" in row]
+        if disk:
+            s["ttft_disk_s"] = statistics.mean(disk)
+            s["disk_items"] = len(disk)
         summary[name] = {k: round(v, 4) for k, v in s.items()}
-    full = summary["full_prefill"]["ttft_host_s"]
     for name in methods:
         s = summary[name]
-        s["speedup_host"] = round(full / s["ttft_host_s"], 2)
         # per-item ratios, measured back to back on the same item: robust to the shared cores' load swings
-        s["speedup_host_median"] = round(statistics.median(_ratios(results, name, "ttft_host_s")), 2)
+        s["speedup_host_median"] = _median(_ratios(results, name, "ttft_host_s"))
+        long = [r for r in results if r["tokens"] >= 2000]
+        s["speedup_host_median_ge2k"] = _median(_ratios(long, name, "ttft_host_s"))
+        s["items_ge2k"] = len(long)
         if "ttft_disk_s" in s:
-            s["speedup_disk"] = round(full / s["ttft_disk_s"], 2)
-            s["speedup_disk_median"] = round(statistics.median(_ratios(results, name, "ttft_disk_s")), 2)
+            s["speedup_disk_median"] = _median(_ratios(results, name, "ttft_disk_s"))
     return summary
 
 
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
 def _ratios(results: list[dict], name: str, key: str) -> list[float]:
-    return [r["methods"]["full_prefill"]["ttft_host_s"] / r["methods"][name][key] for r in results]
+    full = "full_prefill"
+    return [
+        r["methods"][full]["ttft_host_s"] / r["methods"][name][key]
+        for r in results
+        if key in r["methods"][name]
+    ]
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -249,6 +344,8 @@ def cost_model(engine, fusers, item_tokens: int) -> dict:
     for tier, f in fusers.items():
         store = f.connector.kvstore
         keys = [k for k in list(store.keys()) if store.get(k, copy=False).num_tokens > 16]
+        if not keys:
+            continue
         if tier == "disk":
             drop_page_cache(Path(f.connector.kvstore.config.disk_path))
         bw = measure_bandwidth(f.connector.kvstore, keys[:20])
@@ -257,95 +354,155 @@ def cost_model(engine, fusers, item_tokens: int) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nq", type=int, default=200, help="NQ items")
     ap.add_argument("--nq-passages", type=int, default=15, help="passages per NQ item (15: about 2K tokens)")
+    ap.add_argument("--nq-pool", type=int, default=200, help="questions whose gold passages form the corpus")
     ap.add_argument("--musique", type=int, default=20, help="MuSiQue items")
     ap.add_argument("--musique-passages", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset")
+    ap.add_argument("--ape-extra", action="append", default=[], help="extra APE row name:T:S[:merge]")
+    ap.add_argument("--disk-every", type=int, default=4, help="measure disk-tier TTFT on every n-th item")
+    ap.add_argument(
+        "--order",
+        choices=("interleave", "nq-first"),
+        default="interleave",
+        help="interleave: one MuSiQue item after every 10 NQ items (a partial run has both)",
+    )
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="run the items from the last one back (a second process on another --out)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on shared cores)")
     ap.add_argument("--quick", action="store_true", help="3 NQ items of 8 passages + 1 MuSiQue item")
-    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "blend.json"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "blend.jsonl"), help="per-item JSONL")
+    ap.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        help="more JSONL files (other processes' --out): summarized with --out, and their items skipped",
+    )
+    ap.add_argument("--resume", action="store_true", help="skip items whose methods --out already holds")
+    ap.add_argument("--report", action="store_true", help="only summarize --out (and --merge) and plot")
+    ap.add_argument("--table-methods", default=None, help="methods of the summary (default: --methods)")
     ap.add_argument("--plot", default=str(REPO / "bench" / "out" / "blend.png"))
-    ap.add_argument("--report-from", default=None, help="summarize a saved *.partial.json instead of running")
+    ap.add_argument("--note", default="", help="what the machine was doing (goes into the JSON)")
     args = ap.parse_args()
-    if args.report_from:
-        results = json.loads(Path(args.report_from).read_text())
-        methods = list(results[0]["methods"])
-        report(args, results, methods, {"note": "not measured (report from partial results)"}, 0.0, "?")
-        return
     if args.quick:
         args.nq, args.nq_passages, args.musique = 3, 8, 1
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown or methods[0] != "full_prefill":
-        raise SystemExit(
-            f"--methods must start with full_prefill and be among {list(METHODS)}; bad: {unknown}"
-        )
+    extra = [add_ape_method(spec) for spec in args.ape_extra]
+    args.methods = [m for m in args.methods.split(",") if m] + [m for m in extra if m not in args.methods]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods must be among {list(METHODS)}; unknown: {sorted(unknown)}")
+    args.table_methods = args.table_methods.split(",") if args.table_methods else args.methods
+    return args
+
+
+def ordered_items(args) -> list[dict]:
+    nq = nq_items(args.nq, args.nq_passages, args.nq_pool)
+    mu = musique_items(args.musique, args.musique_passages)
+    if args.order == "nq-first":
+        return nq + mu
+    items = []
+    for i, item in enumerate(nq):
+        items.append(item)
+        if (i + 1) % 10 == 0 and mu:
+            items.append(mu.pop(0))
+    return items + mu
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    if args.report:
+        report(args, {"note": "not measured (--report)"}, 0.0)
+        return
     torch.set_num_threads(args.threads)
     loaded = load_model()
     engine = Engine(loaded)
     tok = loaded.tokenizer
-    items = nq_items(args.nq, args.nq_passages) + musique_items(args.musique, args.musique_passages)
+    done = load_results([out, *map(Path, args.merge)]) if args.resume else {}
+    if not args.resume and out.exists():
+        raise SystemExit(f"{out} exists: pass --resume to continue it, or another --out")
+    items = ordered_items(args)
+    todo = [it for it in items if not set(args.methods) <= set(done.get(it["key"], {}).get("methods", {}))]
+    todo = todo[::-1] if args.reverse else todo
+    print(f"{len(items) - len(todo)} of {len(items)} items already done; {len(todo)} to run", file=sys.stderr)
     namespace = Namespace(loaded.model_id, KVLayout.for_spec(loaded.spec), salt="bench-blend")
     with tempfile.TemporaryDirectory(prefix="kvfuse-blend-") as tmp:
         disk_dir = Path(tmp) / "disk"
         stores = {
-            "host": TieredStore(StoreConfig(host_bytes=16 << 30)),
+            "host": TieredStore(StoreConfig(host_bytes=6 << 30)),  # LRU: shared NQ passages stay
             "disk": TieredStore(StoreConfig(host_bytes=0, disk_path=str(disk_dir), disk_bytes=64 << 30)),
         }
         fusers = {t: Fuser(engine, KVConnector(s, namespace)) for t, s in stores.items()}
         warm = build_chat(tok, "warm up?", ["A short passage to warm up the kernels."])
         for m in ("full_prefill", "cacheblend", "ape"):
             fusers["host"].fuse(warm, m)
-        results, t_start = [], time.perf_counter()
-        for i, item in enumerate(items):
-            results.append(run_item(engine, tok, fusers, disk_dir, item, args.new_tokens, methods))
-            r = results[-1]
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results))  # survives a kill
+        t_start, tokens = time.perf_counter(), 0
+        for n, item in enumerate(todo):
+            have = done.get(item["key"], {}).get("methods", {})
+            methods = [m for m in args.methods if m not in have]
+            if "full_prefill" not in have and "full_prefill" not in methods:
+                methods.insert(0, "full_prefill")  # the reference every other method is scored against
+            with_disk = items.index(item) % args.disk_every == 0
+            rec = run_item(engine, tok, fusers, disk_dir, item, args, methods, with_disk)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            tokens = rec["tokens"]
+            elapsed = time.perf_counter() - t_start
             print(
-                f"[{i + 1}/{len(items)}] {r['dataset']} {r['tokens']} tok "
-                + " ".join(f"{m}={v['ttft_host_s']:.2f}s" for m, v in r["methods"].items()),
+                f"[{n + 1}/{len(todo)}] {rec['key']} {rec['tokens']} tok enc {rec['encode_s']:.1f}s "
+                + " ".join(f"{m}={v['ttft_host_s']:.2f}s" for m, v in rec["methods"].items())
+                + f" | {elapsed / (n + 1):.0f} s/item, ETA {elapsed / (n + 1) * (len(todo) - n - 1) / 60:.0f} min",
                 file=sys.stderr,
                 flush=True,
             )
-        costs = cost_model(engine, fusers, results[0]["tokens"])
+        costs = cost_model(engine, fusers, tokens or 1024)
         for s in stores.values():
             s.close()
-    report(args, results, methods, costs, time.perf_counter() - t_start, loaded.model_id)
+    report(args, costs, time.perf_counter() - t_start, loaded.model_id)
 
 
-def report(args, results: list[dict], methods: list[str], costs: dict, seconds: float, model: str) -> None:
+def report(args, costs: dict, seconds: float, model: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> None:
+    out = Path(args.out)
+    merged = load_results([out, *map(Path, args.merge)])
+    methods = args.table_methods
+    complete = [r for r in merged.values() if set(methods) <= set(r["methods"])]
+    if not complete:
+        raise SystemExit(f"no item in {out} has all of {methods}")
     by_dataset = {
-        d: summarize([r for r in results if r["dataset"] == d], methods)
-        for d in sorted({r["dataset"] for r in results})
+        d: summarize([r for r in complete if r["dataset"] == d], methods)
+        for d in sorted({r["dataset"] for r in complete})
     }
-    out = {
+    result = {
         "bench": "blend",
         "model": model,
         "threads": args.threads,
-        "items": {d: sum(r["dataset"] == d for r in results) for d in by_dataset},
+        "note": args.note,
+        "items": {d: sum(r["dataset"] == d for r in complete) for d in by_dataset},
+        "items_requested": {"nq": args.nq, "musique": args.musique},
+        "items_with_any_result": len(merged),
         "nq_passages": args.nq_passages,
         "musique_passages": args.musique_passages,
         "mean_tokens": {
-            d: round(statistics.mean(r["tokens"] for r in results if r["dataset"] == d)) for d in by_dataset
+            d: round(statistics.mean(r["tokens"] for r in complete if r["dataset"] == d)) for d in by_dataset
         },
         "new_tokens": args.new_tokens,
         "seconds": round(seconds, 1),
         "cost_model": costs,
         "summary": by_dataset,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**out, "results": results}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     shown = "nq" if "nq" in by_dataset else next(iter(by_dataset))
-    title = (
-        f"{shown}: {out['items'][shown]} items, ~{out['mean_tokens'][shown]} tokens, {args.threads} thread(s)"
-    )
+    title = f"{shown}: {result['items'][shown]} items, ~{result['mean_tokens'][shown]} tokens, {args.threads} thread"
     plot(by_dataset[shown], Path(args.plot), f"SmolLM2-135M-Instruct on CPU ({title})")
-    print(json.dumps(out))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -10,25 +10,41 @@ parallel encoding (one softmax over everything).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from engine.attention import AttnCall
 
+MERGES = ("scaled", "shifted")
+
 
 @dataclass
 class APEConfig:
-    """temperature T and scale S (APE's README: 0.9 / 0.9; T = S = 1 is plain parallel encoding)."""
+    """temperature T and scale S (APE's README: 0.9 / 0.9; T = S = 1 is plain parallel encoding).
+
+    merge: how S enters the contexts' log-weight. "scaled": `S * T * LSE_C` (the spec; APE's Gemma code);
+    "shifted": `T * LSE_C + log S` (APE's Llama code: the contexts' mass times S). Both are plain
+    parallel encoding at T = S = 1.
+    """
 
     temperature: float = 0.9
     scale: float = 0.9
+    merge: str = "scaled"
 
     def __post_init__(self) -> None:
         for name in ("temperature", "scale"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 < value <= 10.0:
                 raise ValueError(f"APEConfig.{name} must be a number in (0, 10], got {value!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"APEConfig.merge must be one of {MERGES}, got {self.merge!r}")
+
+    def context_weight(self, lse_c: torch.Tensor) -> torch.Tensor:
+        """The contexts' log-weight in the merge, from their tempered log-sum-exp `LSE_C`."""
+        t, s = self.temperature, self.scale
+        return s * t * lse_c if self.merge == "scaled" else t * lse_c + math.log(s)
 
 
 @dataclass
@@ -55,14 +71,13 @@ class APEAttention:
         keys = torch.arange(k.shape[-2], device=scores.device)
         in_ctx = (keys >= self.start) & (keys < self.end)
         visible = keys[None, :] <= call.q_index[:, None]  # the exact causal mask for the other part
-        t, s = self.config.temperature, self.config.scale
-        ctx = scores.masked_fill(~in_ctx, float("-inf")) / t
+        ctx = scores.masked_fill(~in_ctx, float("-inf")) / self.config.temperature
         other = scores.masked_fill(in_ctx | ~visible, float("-inf"))
         lse_c = torch.logsumexp(ctx, dim=-1, keepdim=True)
         lse_o = torch.logsumexp(other, dim=-1, keepdim=True)
         o_c = _weighted(ctx, lse_c, v)
         o_o = _weighted(other, lse_o, v)
-        weights = torch.softmax(torch.cat([s * t * lse_c, lse_o], dim=-1), dim=-1)
+        weights = torch.softmax(torch.cat([self.config.context_weight(lse_c), lse_o], dim=-1), dim=-1)
         out = weights[..., :1] * o_c + weights[..., 1:] * o_o
         return out.to(call.q.dtype)
 

@@ -29,10 +29,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--passage", action="append", help="a passage text (repeatable); default: retrieve")
     ask.add_argument("--top-k", type=int, default=4, help="passages to retrieve (default 4)")
     ask.add_argument("--method", default="cacheblend", choices=METHODS)
-    ask.add_argument("--ratio", type=float, default=0.15, help="CacheBlend recompute ratio")
+    ask.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=0.15,
+        help="CacheBlend recompute ratio, or 'auto': max(0.15, what loading from the passages' tier costs)",
+    )
     ask.add_argument("--max-new-tokens", type=int, default=64)
     _common(ask)
     ask.set_defaults(func=_ask)
+
+
+def _ratio(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--ratio must be a number in [0, 1] or 'auto', got {text!r}"
+        ) from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -89,12 +105,11 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from blend.cacheblend import BlendConfig
     from blend.pipeline import RagConfig
 
     config = RagConfig(
         method=args.method,
-        blend=BlendConfig(ratio=args.ratio),
+        recompute_ratio=args.ratio,
         top_k=args.top_k,
         max_new_tokens=args.max_new_tokens,
         progress=False,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from engine.runner import Engine
 from kvstore.store import TieredStore
+from kvstore.tiers.base import Tier
 
 
 @dataclass(frozen=True)
@@ -44,3 +46,71 @@ def measure_bandwidth(store: TieredStore, keys: list[str]) -> float:
             raise ValueError(f"key {key!r} is not in the store")
         total += entry.nbytes
     return total / max(time.perf_counter() - t0, 1e-9)
+
+
+def measure_prefill(engine: Engine, tokens: int = 256) -> float:
+    """Seconds of full prefill per token per layer, timed on a forward of `tokens` ids (after a warm-up)."""
+    if not 16 <= tokens <= engine.spec.max_positions:
+        raise ValueError(f"tokens must be in [16, {engine.spec.max_positions}], got {tokens}")
+    ids = [1000 + i % 1000 for i in range(tokens)]
+    engine.forward(ids[:16], logits="none")
+    t0 = time.perf_counter()
+    engine.forward(ids, logits="none")
+    return (time.perf_counter() - t0) / (tokens * engine.spec.num_layers)
+
+
+def source_tier(store: TieredStore, keys: list[str]) -> Tier | None:
+    """The tier a fused query reads from: each key comes from the fastest tier holding it (a get
+    promotes from there), and the load takes as long as the slowest of those. None if no tier holds any."""
+    slowest = None
+    for key in keys:
+        for i, tier in enumerate(store.tiers):
+            if tier.contains(key):
+                slowest = i if slowest is None else max(slowest, i)
+                break
+    return None if slowest is None else store.tiers[slowest]
+
+
+def tier_bandwidth(tier: Tier, keys: list[str]) -> float:
+    """Bytes per second of reading `keys` straight from one tier (no promotion, nothing else touched)."""
+    total, t0 = 0, time.perf_counter()
+    for key in keys:
+        entry = tier.get(key)
+        if entry is None:
+            raise ValueError(f"key {key!r} is not in tier {tier.name!r}")
+        total += entry.nbytes
+    return total / max(time.perf_counter() - t0, 1e-9)
+
+
+class AutoRatio:
+    """CacheBlend's r for a query from the tier its passages come from (the spec's cost model).
+
+    Prefill speed is measured once; each tier's read bandwidth is measured once, on the first query
+    whose passages come from it, by reading up to `sample` of that query's entries from that tier.
+    """
+
+    def __init__(self, engine: Engine, store: TieredStore, sample: int = 8) -> None:
+        if sample < 1:
+            raise ValueError(f"sample must be >= 1, got {sample}")
+        self.engine, self.store, self.sample = engine, store, sample
+        self.prefill_s: float | None = None
+        self.bandwidth: dict[str, float] = {}  # tier name -> bytes/s
+
+    def model(self, keys: list[str]) -> tuple[CostModel, str] | None:
+        """The cost model for loading `keys`, and the tier's name; None if no tier holds them."""
+        tier = source_tier(self.store, keys)
+        if tier is None:
+            return None
+        if self.prefill_s is None:
+            self.prefill_s = measure_prefill(self.engine)
+        if tier.name not in self.bandwidth:
+            held = [k for k in keys if tier.contains(k)][: self.sample]
+            self.bandwidth[tier.name] = tier_bandwidth(tier, held)
+        spec = self.engine.spec
+        per_layer = spec.kv_bytes_per_token // spec.num_layers
+        return CostModel(self.prefill_s, self.bandwidth[tier.name], per_layer), tier.name
+
+    def ratio(self, keys: list[str], r_quality: float) -> float:
+        """`max(r_quality, r_load)` for these keys; r_quality when nothing is stored (all computed)."""
+        found = self.model(keys)
+        return r_quality if found is None else found[0].ratio(r_quality)

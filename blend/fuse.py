@@ -21,6 +21,7 @@ import torch
 from blend.ape import APEAttention, APEConfig
 from blend.cacheblend import BlendConfig, BlendStats, blend, make_feed
 from blend.segments import Placed, ensure_segments
+from engine.attention import AttentionFn
 from engine.chat import ChatPrompt
 from engine.kvcache import KVCache
 from engine.runner import Engine
@@ -42,6 +43,8 @@ class Fused:
     computed_passages: int  # passages computed (and stored) because the store lacked them
     stats: BlendStats | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # what decoding must attend with: APE's merge holds for the generated tokens too (None: plain causal)
+    decode_attention: AttentionFn | None = None
 
 
 class Fuser:
@@ -84,9 +87,11 @@ class Fuser:
             return Fused(out.logits[0, -1], out.cache, method, time.perf_counter() - t0, len(ids), 0, 0, 0)
         computed = self._ensure(prompt)
         t0 = time.perf_counter()  # TTFT counts loading and fusing, not the one-off passage encoding
+        attention = None
         if method in ("ape", "parallel"):
             config = APEConfig(1.0, 1.0) if method == "parallel" else ape_config or APEConfig()
-            out, base = self._ape(prompt, config), len(prompt.prefix)
+            out, attention = self._ape(prompt, config)
+            base = len(prompt.prefix)
         else:
             config = REUSE if method == "full_reuse" else blend_config or BlendConfig()
             out, base = self._blend(prompt, config)
@@ -106,6 +111,7 @@ class Fuser:
                 "fetch_s": out.feed.stats.fetch_s,
                 "wait_s": out.feed.stats.wait_s,
             },
+            attention,
         )
 
     def _ensure(self, prompt: ChatPrompt) -> int:
@@ -139,7 +145,8 @@ class Fuser:
         )
         feed = make_feed(self.engine, self.connector, placed, p, len(prompt.ids) - p)
         attention = APEAttention(p, row, config)
-        return blend(self.engine, prompt.ids, prefix, feed, REUSE, positions=positions, attention=attention)
+        out = blend(self.engine, prompt.ids, prefix, feed, REUSE, positions=positions, attention=attention)
+        return out, attention
 
 
 def check_length(engine: Engine, prompt: ChatPrompt, new_tokens: int = 0) -> None:

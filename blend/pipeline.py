@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from blend.ape import APEConfig
 from blend.cacheblend import BlendConfig
 from blend.catalog import Catalog, Passage, passage_id
+from blend.costmodel import AutoRatio
 from blend.fuse import METHODS, Fused, Fuser, check_length
 from blend.passages import SplitConfig, split_document
 from blend.retriever import BM25
@@ -43,10 +44,20 @@ class RagConfig:
     max_new_tokens: int = 64
     system: str = DEFAULT_SYSTEM
     progress: bool = True  # a tqdm bar while ingesting (on stderr)
+    # CacheBlend's r: None keeps `blend.ratio`; a number in [0, 1] replaces it; "auto" takes
+    # max(blend.ratio, r_load) from the spec's cost model, with the measured read bandwidth of the tier
+    # the query's passages come from (recomputing less than loading takes buys no speed).
+    recompute_ratio: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        r = self.recompute_ratio
+        number = isinstance(r, (int, float)) and not isinstance(r, bool)
+        if not (r is None or r == "auto" or number and 0.0 <= r <= 1.0):
+            raise ValueError(f"recompute_ratio must be None, a number in [0, 1] or 'auto', got {r!r}")
+        if number:
+            self.blend = replace(self.blend, ratio=float(r))
         if not 1 <= self.top_k <= 64:
             raise ValueError(f"top_k must be in [1, 64], got {self.top_k}")
         if not 0 <= self.max_new_tokens <= 4096:
@@ -76,6 +87,7 @@ class Answer:
     computed_passages: int
     prefix_tokens: int
     recompute_fraction: float | None  # CacheBlend: computed rows / a full prefill's, over all layers
+    recompute_ratio: float | None = None  # CacheBlend: the r used (chosen by the cost model when "auto")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -106,6 +118,7 @@ class RagPipeline:
         self.catalog = Catalog(folder)
         self.retriever = BM25()
         self.retriever.add([p.id for p in self.catalog], [p.text for p in self.catalog])
+        self.auto_ratio = AutoRatio(engine, store)
         self._lock = threading.Lock()
 
     # ---- ingest ----------------------------------------------------------------------------------
@@ -163,9 +176,27 @@ class RagPipeline:
         method = method or self.config.method
         t0 = time.perf_counter()
         with self._lock:
-            fused = self.fuser.fuse(prompt, method, self.config.blend, self.config.ape)
-            tokens, _ = self.engine.decode(fused.logits, fused.cache, new) if new else ([], None)
-        return self._answer(fused, tokens, texts, time.perf_counter() - t0)
+            blend = self.blend_config(prompt) if method == "cacheblend" else self.config.blend
+            fused = self.fuser.fuse(prompt, method, blend, self.config.ape)
+            tokens, _ = (
+                self.engine.decode(fused.logits, fused.cache, new, fused.decode_attention)
+                if new
+                else ([], None)
+            )
+        answer = self._answer(fused, tokens, texts, time.perf_counter() - t0)
+        if method == "cacheblend":
+            answer.recompute_ratio = blend.ratios[0]
+        return answer
+
+    def blend_config(self, prompt: ChatPrompt) -> BlendConfig:
+        """The CacheBlend config for a prompt: r from the cost model when `recompute_ratio` is "auto"."""
+        config = self.config.blend
+        if self.config.recompute_ratio != "auto":
+            return config
+        if len(config.ratios) > 1:
+            raise ValueError(f"recompute_ratio 'auto' needs one check-layer ratio, got {config.ratio}")
+        keys = [self.connector.namespace.segment_key(ids) for ids in prompt.passages]
+        return replace(config, ratio=self.auto_ratio.ratio(keys, config.ratios[0]))
 
     def _texts(self, question, passages, passage_ids, top_k) -> list[str]:
         if not isinstance(question, str) or not question.strip():

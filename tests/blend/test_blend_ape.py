@@ -11,7 +11,7 @@ from blend_cases import LOGIT_ATOL, PASSAGES, QUESTION, kl
 from blend.ape import APEAttention, APEConfig
 from blend.segments import encode_segment
 from engine.attention import AttnCall
-from engine.chat import build_chat
+from engine.chat import ChatPrompt, build_chat
 from engine.kvcache import KVCache
 
 
@@ -108,3 +108,19 @@ def test_ape_attention_refuses_rows_inside_the_contexts():
 def test_bad_ape_config_is_refused(kwargs):
     with pytest.raises(ValueError, match="APEConfig"):
         APEConfig(**kwargs)
+
+
+def test_generated_tokens_attend_like_the_question(engine, fuser, prompt):
+    """APE's merge holds for the generated tokens too: decoding with `decode_attention` gives what fusing
+    the question plus those tokens in one go gives; plain causal decoding (T = S = 1 there) does not."""
+    ape = fuser.fuse(prompt, "ape")
+    tokens, _ = engine.decode(ape.logits, ape.cache.clone(), 4, ape.decode_attention, stop=set())
+    logits, plain, cache, plain_cache = ape.logits, ape.logits, ape.cache.clone(), ape.cache.clone()
+    for t in tokens[:3]:
+        logits = engine.forward([t], cache=cache, attention=ape.decode_attention).logits[0, -1]
+        plain = engine.forward([t], cache=plain_cache).logits[0, -1]
+    longer = ChatPrompt(prompt.prefix, prompt.passages, prompt.question + tokens[:3])
+    again = fuser.fuse(longer, "ape")
+    assert (again.logits - logits).abs().max().item() < LOGIT_ATOL
+    assert int(logits.argmax()) == tokens[3]
+    assert (plain - logits).abs().max().item() > 1e-2
