@@ -198,17 +198,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for row in rows:
         key = f"{row['method']}@{row['length']}"
-        out.setdefault(key, {"n": 0, "correct": 0, "ms": 0.0, "rate": 0.0, "mb_fetched": 0.0})
+        zero = {"n": 0, "correct": 0, "ms": 0.0, "rate": 0.0, "step_rate": 0.0, "mb_fetched": 0.0}
+        out.setdefault(key, zero)
         s = out[key]
         s["n"] += 1
         s["correct"] += row["correct"]
         s["ms"] += row["ms_per_token"]
         s["rate"] += row.get("retrieval_rate", 0.0)
+        s["step_rate"] += row.get("step_retrieval_rate", 0.0)
         s["mb_fetched"] += row.get("bytes_fetched", 0) / 1e6
     for s in out.values():
         n = s.pop("n")
         out_row = {"accuracy": s["correct"] / n, "ms_per_token": s["ms"] / n}
-        out_row.update(retrieval_rate=s["rate"] / n, mb_fetched=s["mb_fetched"] / n, probes=n)
+        out_row.update(retrieval_rate=s["rate"] / n, step_retrieval_rate=s["step_rate"] / n)
+        out_row.update(mb_fetched=s["mb_fetched"] / n, probes=n)
         s.clear()
         s.update(out_row)
     return out

@@ -1,8 +1,10 @@
 """Calibrating LouisKV's trigger threshold tau for a model on sample text.
 
-One full-cache greedy decode per prompt records r_t (mean over query heads of cos(q_{t-1}, q_t)) at every
-layer and step; the share of (layer, step) pairs with r_t < tau is then the retrieval rate tau would give,
-for every candidate tau at once. The chosen tau is the largest candidate whose rate stays within target.
+One full-cache greedy decode per prompt records every layer's last query row at every step. The trigger
+is then replayed offline for every candidate tau at once (`trigger_rates`): "adjacent" compares q_t with
+q_{t-1}, "anchor" with the query of the layer's last retrieval (which resets on each retrieval). The
+share of (layer, step) pairs that retrieve is the rate tau would give; the chosen tau is the largest
+candidate within the target, overall or per layer.
 """
 
 from __future__ import annotations
@@ -15,31 +17,53 @@ import torch
 from engine.attention import AttnCall, causal_attention
 from engine.runner import Engine
 
+TRIGGERS = ("anchor", "adjacent")
+
 
 @dataclass
 class TauCalibration:
-    tau: float
+    tau: float  # one tau for every layer
+    layer_taus: list[float]  # or one per layer, each within the target on its own
     target_rate: float
+    trigger: str
     taus: list[float]
     rates: list[float]  # retrieval rate (share of (layer, step) pairs) at each candidate tau
     samples: int  # (layer, step) pairs measured
 
 
-def query_similarity(engine: Engine, ids: Sequence[int], max_new_tokens: int) -> torch.Tensor:
-    """r_t `[steps, layers]` over a full-cache greedy decode of `max_new_tokens` after `ids`."""
-    prev: dict[int, torch.Tensor] = {}
+def decode_queries(engine: Engine, ids: Sequence[int], max_new_tokens: int) -> torch.Tensor:
+    """The query `[steps, layers, heads, d]` of every decode step of a full-cache greedy decode of
+    `max_new_tokens` after `ids` (max_new_tokens - 1 steps: the first token comes from the prefill)."""
     rows: list[torch.Tensor] = []
 
     def recording(call: AttnCall) -> torch.Tensor:
-        q = call.q[0, :, -1]
-        if call.q.shape[2] == 1 and call.layer in prev:
-            rows.append(torch.cosine_similarity(prev[call.layer], q, dim=-1).mean())
-        prev[call.layer] = q.clone()
+        rows.append(call.q[0, :, -1].float().clone())
         return causal_attention(call)
 
     engine.generate(list(ids), max_new_tokens, attention=recording, stop=set())
     layers = engine.spec.num_layers
-    return torch.stack(rows).view(-1, layers) if rows else torch.empty(0, layers)
+    return torch.stack(rows).view(-1, layers, *rows[0].shape)[1:]  # without the prefill's last row
+
+
+def trigger_rates(queries: torch.Tensor, taus: torch.Tensor, trigger: str) -> torch.Tensor:
+    """Retrievals `[taus, layers]` of the trigger replayed on `queries` `[steps, layers, heads, d]`
+    (LouisKV always retrieves at step 0; steps 1.. are counted): retrieve when the mean over heads of
+    cos(reference, q_t) < tau."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+    steps = queries.shape[0]
+    ref = queries[0].expand(taus.numel(), *queries.shape[1:]).clone()  # [taus, layers, heads, d]
+    count = torch.zeros(taus.numel(), queries.shape[1])
+    for t in range(1, steps):
+        q = queries[t]
+        r = torch.cosine_similarity(ref, q[None], dim=-1).mean(-1)  # [taus, layers]
+        hit = r < taus[:, None]
+        count += hit
+        if trigger == "anchor":
+            ref = torch.where(hit[..., None, None], q[None], ref)
+        else:
+            ref = q[None].expand_as(ref).clone()
+    return count
 
 
 def calibrate_tau(
@@ -48,17 +72,36 @@ def calibrate_tau(
     max_new_tokens: int = 64,
     target_rate: float = 0.3,
     taus: Sequence[float] | None = None,
+    trigger: str = "anchor",
 ) -> TauCalibration:
-    """The largest tau in `taus` whose retrieval rate on `prompts` is at most `target_rate`."""
+    """The largest tau in `taus` whose retrieval rate on `prompts` is at most `target_rate` (overall, and
+    per layer)."""
     if not prompts:
         raise ValueError("calibrate_tau needs at least one prompt")
     if not 0.0 < target_rate <= 1.0:
         raise ValueError(f"target_rate must be in (0, 1], got {target_rate}")
-    taus = sorted(taus) if taus is not None else [round(0.5 + 0.01 * i, 2) for i in range(50)]
-    r = torch.cat([query_similarity(engine, p, max_new_tokens).flatten() for p in prompts])
-    if r.numel() == 0:
+    taus = sorted(taus) if taus is not None else [round(0.3 + 0.01 * i, 2) for i in range(70)]
+    grid = torch.tensor(taus)
+    counts, steps = torch.zeros(len(taus), engine.spec.num_layers), 0
+    for p in prompts:
+        queries = decode_queries(engine, p, max_new_tokens)
+        counts += trigger_rates(queries, grid, trigger)
+        steps += queries.shape[0] - 1
+    if steps == 0:
         raise ValueError("no decode steps were measured (max_new_tokens too small?)")
-    rates = [float((r < t).float().mean()) for t in taus]
-    fitting = [t for t, rate in zip(taus, rates, strict=True) if rate <= target_rate]
-    tau = fitting[-1] if fitting else taus[0]
-    return TauCalibration(tau, target_rate, list(taus), rates, int(r.numel()))
+    rates = (counts.sum(1) / (steps * counts.shape[1])).tolist()
+    layer_rates = counts / steps  # [taus, layers]
+    return TauCalibration(
+        tau=_largest_within(taus, rates, target_rate),
+        layer_taus=[_largest_within(taus, col.tolist(), target_rate) for col in layer_rates.T],
+        target_rate=target_rate,
+        trigger=trigger,
+        taus=list(taus),
+        rates=rates,
+        samples=steps * counts.shape[1],
+    )
+
+
+def _largest_within(taus: Sequence[float], rates: Sequence[float], target: float) -> float:
+    fitting = [t for t, rate in zip(taus, rates, strict=True) if rate <= target]
+    return fitting[-1] if fitting else taus[0]

@@ -26,6 +26,7 @@ from engine.kvcache import KVCache, LayerKV
 from engine.runner import Engine
 from kvstore.store import TieredStore
 from retrieval.base import Retriever, kv_bytes
+from retrieval.calibrate import TRIGGERS
 from retrieval.kmeans import groups, kmeans
 from retrieval.offload import Unit
 from retrieval.subset import subset_attention
@@ -35,6 +36,7 @@ from retrieval.working import WorkingSet
 # Calibrated for SmolLM2-135M-Instruct with `calibrate_tau` on MuSiQue passage prompts: r_t < 0.8 on about
 # 24% of (layer, step) pairs (0.83: 36%, 0.77: 15%). Calibrate again for another model.
 DEFAULT_TAU = 0.8
+DEFAULT_TRIGGER = "adjacent"
 
 
 @dataclass
@@ -50,7 +52,8 @@ class LouisKVConfig:
     kmeans_iters: Lloyd iterations (stops early when labels settle)."""
 
     budget: int = 512
-    tau: float = DEFAULT_TAU
+    tau: float | tuple[float, ...] = DEFAULT_TAU
+    trigger: str = DEFAULT_TRIGGER
     n_sink: int = 4
     window: int = 64
     cluster_tokens: int = 4
@@ -66,8 +69,13 @@ class LouisKVConfig:
                 raise ValueError(f"LouisKVConfig.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise ValueError(f"LouisKVConfig.n_sink must be an int >= 0, got {self.n_sink!r}")
-        if not isinstance(self.tau, (int, float)) or self.tau != self.tau:
-            raise ValueError(f"LouisKVConfig.tau must be a number, got {self.tau!r}")
+        taus = self.tau if isinstance(self.tau, (tuple, list)) else (self.tau,)
+        if not taus or any(not isinstance(t, (int, float)) or isinstance(t, bool) or t != t for t in taus):
+            raise ValueError(f"LouisKVConfig.tau must be a number or one per layer, got {self.tau!r}")
+        if isinstance(self.tau, list):
+            self.tau = tuple(self.tau)
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"LouisKVConfig.trigger must be one of {TRIGGERS}, got {self.trigger!r}")
         if self.max_segment > self.window or self.min_segment > self.max_segment:
             raise ValueError(
                 f"need min_segment <= max_segment <= window, got {self.min_segment}, "
@@ -78,6 +86,9 @@ class LouisKVConfig:
                 f"LouisKVConfig.budget {self.budget} leaves no room for retrieved units after "
                 f"n_sink {self.n_sink} + window {self.window}"
             )
+
+    def layer_tau(self, layer: int) -> float:
+        return self.tau[layer] if isinstance(self.tau, tuple) else self.tau
 
     @property
     def selection(self) -> int:
@@ -96,6 +107,9 @@ class LouisKV(Retriever):
         self.config = config or LouisKVConfig()
         if not isinstance(self.config, LouisKVConfig):
             raise TypeError(f"config must be a LouisKVConfig, got {type(self.config).__name__}")
+        taus, layers = self.config.tau, engine.spec.num_layers
+        if isinstance(taus, tuple) and len(taus) != layers:
+            raise ValueError(f"LouisKVConfig.tau has {len(taus)} values for a {layers}-layer model")
         super().__init__(engine, store, cluster_tokens=self.config.cluster_tokens)
         self.layers: list[LouisKVLayer] = []
 
@@ -182,7 +196,7 @@ class LouisKVLayer(LayerKV):
         heads, head_dim = k.shape[1], k.shape[3]
         self.pool = UnitPool(heads, head_dim, k.device)
         self.working = WorkingSet(heads, head_dim, k.dtype, k.device)
-        self.q_prev: torch.Tensor | None = None
+        self.q_ref: torch.Tensor | None = None  # the trigger's reference query (see LouisKVConfig.trigger)
 
     @property
     def heads(self) -> int:
@@ -216,14 +230,15 @@ class LouisKVLayer(LayerKV):
     def attend(self, call: AttnCall) -> torch.Tensor:
         cfg = self.owner.config
         q = call.q[0, :, -1]  # [heads, d]
-        r = None if self.q_prev is None else float(torch.cosine_similarity(self.q_prev, q, dim=-1).mean())
-        retrieve = r is None or r < cfg.tau
-        if r is not None and r < cfg.tau:
+        r = None if self.q_ref is None else float(torch.cosine_similarity(self.q_ref, q, dim=-1).mean())
+        retrieve = r is None or r < cfg.layer_tau(self.index)
+        if r is not None and retrieve:
             self._boundary()
         if retrieve:
             with self.owner.timed():
                 self._retrieve(q, call.scale)
-        self.q_prev = q.clone()
+        if retrieve or cfg.trigger == "adjacent":
+            self.q_ref = q.clone()
         self.owner.count_layer_step(self.index, retrieve)
         return self._attend(call)
 

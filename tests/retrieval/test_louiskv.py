@@ -8,7 +8,7 @@ import torch
 from engine.attention import AttnCall
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
-from retrieval.calibrate import calibrate_tau
+from retrieval.calibrate import calibrate_tau, decode_queries, trigger_rates
 from retrieval.kmeans import groups, kmeans
 from retrieval.louiskv import LouisKV, LouisKVConfig
 from retrieval.tasks import needle
@@ -115,13 +115,29 @@ def test_bad_configs_and_calls(engine, probe):
         engine.forward(probe.ids[:8], attention=r.attention)
 
 
-def test_calibrated_tau_meets_its_target_rate(engine, probe):
-    cal = calibrate_tau(engine, [probe.ids[:200]], max_new_tokens=6, target_rate=0.3)
-    assert cal.samples == 5 * engine.spec.num_layers
-    assert cal.rates == sorted(cal.rates)
+@pytest.mark.parametrize("trigger", ["anchor", "adjacent"])
+def test_calibrated_tau_meets_its_target_rate_and_replays_louiskv(engine, probe, trigger):
+    ids, new = probe.ids[:200], 8
+    cal = calibrate_tau(engine, [ids], max_new_tokens=new, target_rate=0.3, trigger=trigger)
+    layers = engine.spec.num_layers
+    assert cal.samples == (new - 2) * layers  # decode steps after LouisKV's always-retrieving first one
     assert cal.rates[cal.taus.index(cal.tau)] <= 0.3
+    assert len(cal.layer_taus) == layers
+    # The offline replay counts what LouisKV really does with those taus (a budget holding the whole
+    # cache keeps its queries those of the full cache).
+    r = LouisKV(engine, LouisKVConfig(budget=1024, tau=tuple(cal.layer_taus), trigger=trigger, **SMALL))
+    r.generate(ids, new, stop=set())
+    replayed = trigger_rates(
+        decode_queries(engine, ids, new), torch.tensor(cal.layer_taus), trigger
+    ).diagonal()  # row i of the grid is layer i's own tau
+    assert r.stats.retrievals == layers + int(replayed.sum())
+    assert all(count <= 0.3 * (new - 2) for count in replayed.tolist())
     with pytest.raises(ValueError, match="target_rate"):
         calibrate_tau(engine, [probe.ids[:50]], target_rate=0)
+    with pytest.raises(ValueError, match="trigger"):
+        LouisKVConfig(trigger="boundary")
+    with pytest.raises(ValueError, match="values for a 30-layer"):
+        LouisKV(engine, LouisKVConfig(tau=(0.8, 0.9)))
 
 
 def test_kmeans_units_partition_the_tokens():
