@@ -13,9 +13,18 @@ class StoreConfig:
 
     Tiers, fastest first; a tier with 0 bytes (or no path/URL) is absent:
         device_bytes: accelerator memory tier (needs CUDA; 0 on a CPU-only machine). device: its device.
-        host_bytes: host RAM tier (tensors, no serialization).
+        host_bytes: host RAM tier: a pool of this many bytes that puts copy into and gets read from
+            without a copy (no serialization). The pool is reserved at start and its pages are faulted
+            in as they are first used (RSS grows up to host_bytes and stays).
+        host_prefault: touch the whole host pool at start (RSS = host_bytes at once, ~0.5 s per GiB)
+            so that even the first puts run at memcpy speed.
+        lease_wait_s: a host put that finds no free block after evicting everything evictable (readers
+            still hold evicted blocks via get(copy=False)) waits this long for them, then goes to the
+            next tier.
         disk_path / disk_bytes: local disk tier folder and byte budget (file sizes). disk_fsync: fsync
             every file (survives power loss; a process restart is survived without it).
+        disk_read_pool_bytes: reusable memory disk reads land in (no fresh pages per read); a read that
+            finds it full (callers hold many read entries) uses fresh memory instead.
         redis_url / redis_bytes: shared Redis tier (redis://, rediss://, unix://, redis+cluster://) and
             its byte budget, counted across every process using the same redis_prefix.
         redis_ttl_s: optional expiry of Redis entries. redis_timeout_s: socket timeout per call.
@@ -32,11 +41,14 @@ class StoreConfig:
     """
 
     host_bytes: int = 4 * GiB
+    host_prefault: bool = False
+    lease_wait_s: float = 1.0
     device_bytes: int = 0
     device: str = "cuda"
     disk_path: str | None = None
     disk_bytes: int = 32 * GiB
     disk_fsync: bool = False
+    disk_read_pool_bytes: int = 64 << 20
     redis_url: str | None = None
     redis_bytes: int = 32 * GiB
     redis_prefix: str = "kvfuse:"
@@ -49,12 +61,14 @@ class StoreConfig:
     persist_on_close: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("host_bytes", "device_bytes", "disk_bytes", "redis_bytes"):
+        for name in ("host_bytes", "device_bytes", "disk_bytes", "redis_bytes", "disk_read_pool_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"StoreConfig.{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.write_queue, int) or self.write_queue < 1:
             raise ValueError(f"StoreConfig.write_queue must be an int >= 1, got {self.write_queue!r}")
+        if not isinstance(self.lease_wait_s, int | float) or self.lease_wait_s < 0:
+            raise ValueError(f"StoreConfig.lease_wait_s must be a number >= 0, got {self.lease_wait_s!r}")
         for name in ("redis_timeout_s", "redis_retry_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"StoreConfig.{name} must be > 0, got {getattr(self, name)!r}")

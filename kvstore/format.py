@@ -154,13 +154,18 @@ def encode_bytes(entry: Entry) -> bytes:
     return b"".join(encode(entry))
 
 
-def decode(buf: bytes | bytearray | memoryview, expect_key: str | None = None) -> Entry:
+def decode(
+    buf: bytes | bytearray | memoryview, expect_key: str | None = None, checksum: int | None = None
+) -> Entry:
     """Parse and verify an entry; CorruptEntry (a ValueError) on any mismatch, never wrong data.
 
     Tensors share memory with a writable `buf` (zero copy); a read-only `buf` (bytes) is copied.
+    `checksum`: xxh3-64 of `buf[PREFIX_BYTES:]` already computed by the caller (the disk tier hashes
+    each piece of a file as it reads it, while the bytes are still in cache); compared instead of hashing
+    the buffer again.
     """
     view = memoryview(buf).cast("B")
-    header, body_at = _read_header(view)
+    header, body_at = _read_header(view, checksum)
     tensors, end = _read_tensors(view, header, body_at)
     if end != len(view):
         raise CorruptEntry(f"entry {header.get('key')!r}: {len(view) - end} trailing bytes")
@@ -175,15 +180,17 @@ def decode(buf: bytes | bytearray | memoryview, expect_key: str | None = None) -
         raise CorruptEntry(f"entry {key!r} has an invalid header: {e}") from e
 
 
-def _read_header(view: memoryview) -> tuple[dict[str, Any], int]:
+def _read_header(view: memoryview, checksum: int | None = None) -> tuple[dict[str, Any], int]:
     if len(view) < PREFIX_BYTES:
         raise CorruptEntry(f"entry truncated: {len(view)} bytes, need at least {PREFIX_BYTES}")
-    magic, header_len, checksum = _PREFIX.unpack_from(view, 0)
+    magic, header_len, stored = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptEntry(f"not a kvfuse entry (magic {bytes(magic)!r})")
     if PREFIX_BYTES + header_len > len(view):
         raise CorruptEntry(f"entry truncated inside its {header_len}-byte header")
-    if xxhash.xxh3_64_intdigest(view[PREFIX_BYTES:]) != checksum:
+    if checksum is None:
+        checksum = xxhash.xxh3_64_intdigest(view[PREFIX_BYTES:])
+    if checksum != stored:
         raise CorruptEntry("entry checksum mismatch (torn write or corrupted bytes)")
     try:
         header = msgpack.unpackb(view[PREFIX_BYTES : PREFIX_BYTES + header_len])

@@ -13,6 +13,11 @@ Rules:
 
 Locking: one lock per tier, always taken top-down (a placement in tier i may cascade into i+1), so
 cascades cannot deadlock. Tier I/O for a hit happens outside the store's locks.
+
+Memory: the host tier copies puts into a pre-allocated pool and hands out leases (zero-copy views that
+keep their block from being reused); `get(copy=False)` returns such a lease. An evicted entry that a
+reader or the write-behind queue still holds keeps its block until released; a put that finds no free
+block evicts further, and when nothing is left to evict waits up to `lease_wait_s` for readers.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     if config.device_bytes:
         tiers.append(DeviceTier(config.device_bytes, config.device))
     if config.host_bytes:
-        tiers.append(HostTier(config.host_bytes))
+        tiers.append(HostTier(config.host_bytes, prefault=config.host_prefault))
     if config.disk_path:
-        tiers.append(DiskTier(config.disk_path, config.disk_bytes, config.disk_fsync))
+        tiers.append(
+            DiskTier(config.disk_path, config.disk_bytes, config.disk_fsync, config.disk_read_pool_bytes)
+        )
     if config.redis_url:
         tiers.append(
             RedisTier(
@@ -121,8 +128,9 @@ class TieredStore:
     def get(self, key: str, copy: bool = True) -> Entry | None:
         """The entry (promoted to the top tier if it came from a lower one), or None.
 
-        With `copy` (the default) the caller owns the returned tensors. `copy=False` may return the
-        stored tensors themselves: read them, never write them.
+        With `copy` (the default) the caller owns the returned tensors. `copy=False` returns the stored
+        bytes without a copy (a lease on the host pool, or the tier's own tensors): read them, never
+        write them, and drop them when done (a held lease keeps its block from being reused).
         """
         for j, tier in enumerate(self.tiers):
             if tier.slow:
@@ -135,17 +143,28 @@ class TieredStore:
                 self._count(tier, "misses")
                 continue
             self._count(tier, "hits")
-            if j > 0:
-                self._promote(j, entry)
+            if j > 0 and self._promote(j, entry):
+                # serve the promoted copy, so the lower tier's read buffer is released at once
+                entry = self._peek(self.tiers[0], key) or entry
             return self._copy(entry) if copy else entry
         return None
 
-    def _promote(self, j: int, entry: Entry) -> None:
+    def _promote(self, j: int, entry: Entry) -> bool:
         """Copy a lower-tier hit into a faster tier (never back into tier j itself)."""
         top = self.tiers[0]
-        stored = entry.to(getattr(top, "device", torch.device("cpu")), copy=not self.tiers[j].slow)
+        # a slow tier's entry is already a private copy; a memory tier's is shared with that tier
+        copy = top.keeps_tensors and not self.tiers[j].slow
+        stored = entry.to(getattr(top, "device", torch.device("cpu")), copy=copy)
         if self._place(0, stored, stop=j):
             self._count(self.tiers[j], "promotions")
+            return True
+        return False
+
+    @staticmethod
+    def _peek(tier: Tier, key: str) -> Entry | None:
+        """A memory tier's entry without touching LRU order (None for other tiers)."""
+        peek = getattr(tier, "peek", None)
+        return None if peek is None else peek(key)
 
     @staticmethod
     def _copy(entry: Entry) -> Entry:
@@ -162,13 +181,17 @@ class TieredStore:
         if not isinstance(entry, Entry):
             raise TypeError(f"put takes an Entry, got {type(entry).__name__}")
         top = self.tiers[0]
-        if copy:
+        # `borrowed`: the entry still holds the caller's tensors; every placement that keeps references
+        # (a memory tier that keeps tensors, the write-behind queue) copies first. The host tier copies
+        # into its pool anyway, so the usual put makes exactly one copy.
+        borrowed = copy and not top.keeps_tensors
+        if copy and top.keeps_tensors:
             entry = entry.to(getattr(top, "device", torch.device("cpu")), copy=True)
         if pin:
             with self._locks[0]:
                 self._pinned.add(entry.key)
         try:
-            placed = self._place(0, entry)
+            placed = self._place(0, entry, borrowed=borrowed)
         except BaseException:
             self._pinned.discard(entry.key)
             raise
@@ -180,18 +203,20 @@ class TieredStore:
             )
         self._count(self.tiers[0], "puts")
         if self.config.write_through:
-            self._write_through(entry)
+            self._write_through(entry, borrowed)
 
-    def _write_through(self, entry: Entry) -> None:
+    def _write_through(self, entry: Entry, borrowed: bool) -> None:
         for j, tier in enumerate(self.tiers):
             if tier.slow and not self._call(tier, tier.contains, entry.key, default=True):
-                self._place(j, entry, only=True)
+                self._place(j, entry, only=True, borrowed=borrowed)
 
-    def _place(self, i: int, entry: Entry, stop: int | None = None, only: bool = False) -> bool:
+    def _place(
+        self, i: int, entry: Entry, stop: int | None = None, only: bool = False, borrowed: bool = False
+    ) -> bool:
         """Put `entry` in the fastest tier from `i` with room (slow tiers via the queue); False if none.
 
         `stop`: do not go below this tier (a promotion never demotes its own source).
-        `only`: tier `i` or nothing.
+        `only`: tier `i` or nothing. `borrowed`: the entry's tensors are the caller's (see put).
         """
         last = i + 1 if only else (stop if stop is not None else len(self.tiers))
         for j in range(i, last):
@@ -199,8 +224,9 @@ class TieredStore:
             if not self._usable(tier):
                 continue
             if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
-                return self._enqueue(j, entry)  # the worker tries tier j, then the ones below it
-            if self._place_here(j, entry):
+                # the worker tries tier j, then the ones below it
+                return self._enqueue(j, self._copy(entry) if borrowed else entry)
+            if self._place_here(j, self._copy(entry) if borrowed and tier.keeps_tensors else entry):
                 return True
         return False
 
@@ -211,13 +237,38 @@ class TieredStore:
             with self._locks[j]:
                 if not self._make_room(j, need, keep=entry.key):
                     return False
+                if tier.pooled:
+                    return self._put_pooled(j, entry)
                 tier.put(entry)
-            return True
+                return True
         except TierUnavailable as e:
             self._fault(tier, e)
             return False
         except TierFull:  # another process filled a shared tier between our eviction and our put
             return False
+
+    def _put_pooled(self, j: int, entry: Entry) -> bool:
+        """Put into a pooled tier. The byte count said it fits, but the pool may lack one free block of
+        that size: evicted blocks are still held (by the write-behind queue until written, or by
+        readers), or sizes are mixed. While demotions are queued, wait for the worker to release their
+        blocks (as the old copy-free demotion kept them in memory until written); otherwise evict more
+        LRU entries, and when none is left wait for readers. Caller holds tier j's lock."""
+        tier, wait = self.tiers[j], self.config.lease_wait_s
+        while True:
+            try:
+                tier.put(entry)
+                return True
+            except TierFull:
+                if self._pending and tier.wait_release(wait):
+                    continue
+                if not self._evict_one(j, keep=entry.key) and not tier.wait_release(wait):
+                    return False
+
+    def _evict_one(self, j: int, keep: str) -> bool:
+        key = next((k for k in self.tiers[j].lru_keys() if k not in self._pinned and k != keep), None)
+        if key is not None:
+            self._evict(j, key)
+        return key is not None
 
     def _make_room(self, j: int, need: int, keep: str) -> bool:
         """Evict LRU unpinned entries of tier j until `need` bytes are free; False (nothing evicted) if
@@ -248,7 +299,7 @@ class TieredStore:
         self._count(tier, "evictions")
         held = self._held_from(key, j + 1)
         if not held and j + 1 < len(self.tiers):
-            entry = tier.peek(key) if isinstance(tier, HostTier) else tier.get(key)
+            entry = self._peek(tier, key) or tier.get(key)  # a lease: the block waits for the demotion
             if entry is not None and self._place(j + 1, entry):
                 self._count(tier, "demotions")
             elif entry is not None:
@@ -296,6 +347,9 @@ class TieredStore:
                 self._fault(self.tiers[item[0]], e)
                 self._unpend(item[1])
             finally:
+                # drop our references before blocking on the next item: a demoted entry is a lease on
+                # a host-pool block, which is reused only once nothing refers to it
+                item = entry = None
                 self._queue.task_done()
 
     def flush(self) -> None:
@@ -363,7 +417,7 @@ class TieredStore:
             return
         for tier in self.tiers[:slow]:
             for key in tier.lru_keys():
-                entry = tier.peek(key) if isinstance(tier, HostTier) else None
+                entry = self._peek(tier, key)
                 if entry is not None and not self._held_from(key, slow):
                     self._place(slow, entry)
 

@@ -38,6 +38,12 @@ class Tier(ABC):
     capacity_bytes: int
     # Slow tiers (disk, Redis) are written by the store's write-behind worker, not by the caller.
     slow: bool = False
+    # Whether put keeps references to the entry's tensors (so the store must hand it a private copy);
+    # tiers that copy or serialize during put do not.
+    keeps_tensors: bool = False
+    # Pooled tiers (host) can have the bytes but not one free block of the size wanted (fragmentation,
+    # or evicted blocks readers still hold): put raises TierFull and the store evicts more or waits.
+    pooled: bool = False
 
     @abstractmethod
     def contains(self, key: str) -> bool:
@@ -81,6 +87,10 @@ class Tier(ABC):
 
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.usage().bytes
+
+    def wait_release(self, timeout: float) -> bool:
+        """Wait for memory readers still hold to come back (pooled tiers); False: nothing to wait for."""
+        return False
 
     def clear(self) -> None:
         for key in self.keys():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.tiers.host import HostTier
+from kvstore.tiers.host import MemoryTier
 
 
-class DeviceTier(HostTier):
-    """A HostTier whose tensors live on `device` (default cuda:0); ValueError if it is not available."""
+class DeviceTier(MemoryTier):
+    """A MemoryTier whose tensors live on `device` (default cuda:0); ValueError if it is not available."""
 
     name = "device"
 

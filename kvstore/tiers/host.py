@@ -1,21 +1,31 @@
-"""Host RAM tier: entries kept as tensors in a byte-bounded LRU (no serialization on the hot path)."""
+"""Host RAM tier: entries copied into one pre-allocated byte pool, read back without a copy.
+
+A put copies the entry's tensors (and positions) into one block of a BytePool sized by the tier's byte
+bound: memory that was used before, so the copy runs at memcpy speed instead of paying a page fault per
+4 KiB of fresh memory. The stored entry's tensors are a lease on that block (see pool.py), and a get
+returns them as they are (no copy, like LMCache's ref-counted memory objects). The block is reused only
+when nothing refers to those tensors any more: evicting an entry that a reader (or the write-behind
+queue) still holds leaves its block alone, counted as used, until the reader lets go.
+
+`MemoryTier` is the plain variant that keeps the tensors it is given (used by DeviceTier, where the
+tensors live on an accelerator).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from kvstore.format import Entry
-from kvstore.tiers.base import LruIndex, Tier, TierUsage
+from kvstore.tiers.base import LruIndex, Tier, TierFull, TierUsage
+from kvstore.tiers.pool import ALIGN, BytePool, round_up
 
 
-class HostTier(Tier):
-    """Entries as tensors on `device` (CPU here; DeviceTier puts them on an accelerator).
+class MemoryTier(Tier):
+    """Entries as the tensors they were put with, on `device`. The caller must hand over a private copy;
+    gets return the stored tensors themselves (the store copies on the way out unless asked not to)."""
 
-    The tier keeps whatever entry it is given (the store hands it a private copy) and hands out the stored
-    entry itself; the store copies on the way out so callers can never write into the cache.
-    """
-
-    name = "host"
+    name = "memory"
+    keeps_tensors = True
 
     def __init__(self, capacity_bytes: int, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -50,3 +60,105 @@ class HostTier(Tier):
     def usage(self) -> TierUsage:
         with self._index.lock:
             return TierUsage(len(self._index), self._index.bytes, self.capacity_bytes)
+
+
+class HostTier(MemoryTier):
+    """Entries in a BytePool of `capacity_bytes` (host RAM). Thread-safe.
+
+    `prefault`: touch the whole pool at start (RSS = capacity at once) so even the first puts run at
+    memcpy speed; otherwise pages are faulted in by the first put that uses them and then kept.
+    """
+
+    name = "host"
+    keeps_tensors = False  # put copies into the pool: the caller may reuse its tensors at once
+    pooled = True
+
+    def __init__(self, capacity_bytes: int, prefault: bool = False) -> None:
+        super().__init__(capacity_bytes)  # validates capacity_bytes
+        self.pool = BytePool(capacity_bytes, prefault=prefault)
+
+    def entry_size(self, entry: Entry) -> int:
+        """Bytes of the entry's block: each tensor (and positions) rounded up to 8 bytes; at least 8."""
+        return max(ALIGN, sum(round_up(n) for n in _sizes(entry)))
+
+    def put(self, entry: Entry) -> None:
+        """Copy `entry` into a new block (replacing `entry.key`); TierFull if no block of its size is
+        free (the pool may have the bytes but not in one piece, or readers may still hold them)."""
+        size = self.entry_size(entry)
+        if size > self.capacity_bytes:
+            raise TierFull(
+                f"entry {entry.key} ({size} bytes) is larger than the tier ({self.capacity_bytes})"
+            )
+        off = self.pool.alloc(size)
+        if off is None:
+            raise TierFull(
+                f"no free block of {size} bytes for {entry.key}: {self.pool.used} of {self.capacity_bytes} "
+                f"bytes in blocks ({self.pool.retired} held by readers after eviction)"
+            )
+        try:
+            stored = _copy_into(self.pool.lease(off, size), entry)
+        except BaseException:
+            self.pool.free(off)
+            raise
+        with self._index.lock:
+            old = self._index.pop(entry.key)
+            self._index.add(entry.key, (stored, off), size)  # fits: the pool had the block
+            if old is not None:
+                self.pool.free(old[0][1])
+
+    def get(self, key: str) -> Entry | None:
+        """The stored entry itself: its tensors view the pool (read them, never write them); a reader
+        holding them keeps the block from being reused even after eviction."""
+        item = self._index.get(key)
+        return None if item is None else item[0]  # type: ignore[index]
+
+    def peek(self, key: str) -> Entry | None:
+        item = self._index.get(key, touch=False)
+        return None if item is None else item[0]  # type: ignore[index]
+
+    def remove(self, key: str) -> int:
+        with self._index.lock:
+            item = self._index.pop(key)
+            if item is None:
+                return 0
+            # retired until the last reference to the entry's tensors (ours included) is dropped
+            self.pool.free(item[0][1])  # type: ignore[index]
+            return item[1]
+
+    def wait_release(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a block of an evicted entry to come back; True if one did."""
+        return self.pool.wait_release(timeout)
+
+    def usage(self) -> TierUsage:
+        """Entries held, and bytes of pool blocks in use (including evicted blocks readers still hold)."""
+        with self._index.lock:
+            return TierUsage(len(self._index), self.pool.used, self.capacity_bytes)
+
+    def free_bytes(self) -> int:
+        """Bytes not held by stored entries (evicted blocks still held count as free: they come back
+        when the holder lets go, and a put that needs them waits or evicts more; see TieredStore)."""
+        with self._index.lock:
+            return self.capacity_bytes - self._index.bytes
+
+
+def _sizes(entry: Entry) -> list[int]:
+    sizes = [t.numel() * t.element_size() for t in entry.tensors.values()]
+    if entry.positions is not None:
+        sizes.append(entry.positions.numel() * 8)
+    return sizes
+
+
+def _copy_into(block: torch.Tensor, entry: Entry) -> Entry:
+    """The entry with its tensors (and positions) copied into consecutive 8-byte aligned parts of
+    `block`, each a view of it."""
+    at, out = 0, []
+    parts = [*entry.tensors.values(), *([] if entry.positions is None else [entry.positions])]
+    for t in parts:
+        nbytes = t.numel() * t.element_size()
+        view = block[at : at + nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out.append(view)
+        at += round_up(nbytes)
+    tensors = dict(zip(entry.tensors, out, strict=False))
+    positions = None if entry.positions is None else out[-1]
+    return Entry(entry.key, entry.layout, tensors, positions, dict(entry.meta))
