@@ -36,11 +36,12 @@ from blend import api as rag_api
 from engine import __version__
 from kvstore.lmserver import LmServer
 from kvstore.service import admin_api, kv_api
-from kvstore.service.body import BodyLimit
+from kvstore.service.body import BodyLimit, bulk_protocol
 from kvstore.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvstore.service.metrics import Metrics, Timing
 from kvstore.service.settings import ServerSettings
 from kvstore.store import TieredStore
+from kvstore.wire import RecycledBuffers
 from semcache import api as semcache_api
 
 log = logging.getLogger("kvfuse.server")
@@ -61,6 +62,7 @@ def create_app(settings: ServerSettings | None = None, store: TieredStore | None
     app.state.own_store = store is None
     app.state.metrics = None if store is None else Metrics(store)
     app.state.lm_server = None
+    app.state.recv_buffers = RecycledBuffers()  # HTTP bodies and lm:// values, reused once released
     app.state.started = time.monotonic()
     app.add_middleware(BodyLimit, limit=lambda: app.state.settings.max_body_bytes)
     app.add_middleware(Timing, metrics=lambda: app.state.metrics)  # outermost: times 413s too
@@ -85,7 +87,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics = Metrics(app.state.store)
     if settings.lm_port is not None:
         lm = LmServer(
-            app.state.store, settings.host, settings.lm_port, settings.max_body_bytes, app.state.metrics
+            app.state.store,
+            settings.host,
+            settings.lm_port,
+            settings.max_body_bytes,
+            app.state.metrics,
+            app.state.recv_buffers,
         )
         await lm.start()
         app.state.lm_server = lm
@@ -127,8 +134,11 @@ def run(settings: ServerSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    app = create_app(settings)
+    protocol = bulk_protocol(lambda: app.state.settings.max_body_bytes, app.state.recv_buffers)
     uvicorn.run(
-        create_app(settings),
+        app,
+        http=protocol or "auto",
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -26,6 +26,7 @@ from kvstore.wire import (
     ENTRY_CONTENT_TYPE,
     Buffers,
     decode_frame,
+    empty_buffer,
     encode_blobs,
     encode_frame,
     split_blobs,
@@ -42,7 +43,7 @@ class ServerError(RuntimeError):
 class Reply:
     status: int
     content_type: str
-    body: bytearray
+    body: memoryview  # writable: tensors decoded from it view it without a copy
 
 
 class KVClient:
@@ -85,18 +86,25 @@ class KVClient:
             self._local.conn = None
 
     def request(
-        self, method: str, path: str, body: Buffers | bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: Buffers | bytes | None = None,
+        content_type: str | None = None,
+        out: memoryview | None = None,
     ) -> Reply:
-        """One request; raises for any status >= 400 (see the module docstring)."""
+        """One request; raises for any status >= 400 (see the module docstring). A successful reply's
+        body is received into `out` when it fits (memory used before: no page faults), else into a
+        new buffer."""
         buffers = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body or [])
         reused = getattr(self._local, "conn", None) is not None
         try:
-            reply = self._exchange(self._connection(), method, path, buffers, content_type)
+            reply = self._exchange(self._connection(), method, path, buffers, content_type, out)
         except _RETRYABLE:
             if not reused:
                 raise
             # the server closed an idle keep-alive connection: nothing was processed, send again
-            reply = self._exchange(self._connection(fresh=True), method, path, buffers, content_type)
+            reply = self._exchange(self._connection(fresh=True), method, path, buffers, content_type, out)
         except OSError:
             self.close()
             raise
@@ -110,6 +118,7 @@ class KVClient:
         path: str,
         buffers: list,
         content_type: str | None,
+        out: memoryview | None,
     ) -> Reply:
         conn.putrequest(method, self._base + path, skip_accept_encoding=True)
         if buffers or method in ("POST", "PUT", "PATCH"):
@@ -121,7 +130,7 @@ class KVClient:
         for buf in buffers:
             conn.send(buf)
         resp = conn.getresponse()
-        return Reply(resp.status, resp.getheader("content-type", ""), _read(resp))
+        return Reply(resp.status, resp.getheader("content-type", ""), _read(resp, out))
 
     def frame_call(
         self, path: str, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
@@ -134,14 +143,15 @@ class KVClient:
             path += "?" + urlencode({k: v for k, v in params.items() if v is not None})
         data = None if body is None else json.dumps(body).encode()
         reply = self.request(method, path, data, "application/json" if data is not None else None)
-        return json.loads(reply.body) if reply.body else None
+        return json.loads(bytes(reply.body)) if reply.body else None
 
     # ---- entries ----------------------------------------------------------------------------------
 
-    def get(self, key: str) -> Entry | None:
-        """The entry (checksum and key verified), or None."""
+    def get(self, key: str, out: memoryview | None = None) -> Entry | None:
+        """The entry (checksum and key verified), or None. `out`: a writable buffer to receive it into
+        when it fits (the entry's tensors then view `out`: reuse it only when done with them)."""
         try:
-            reply = self.request("GET", f"/v1/kv/entries/{quote(key, safe='')}")
+            reply = self.request("GET", f"/v1/kv/entries/{quote(key, safe='')}", out=out)
         except KeyError:
             return None
         return decode(reply.body, expect_key=key)
@@ -209,19 +219,22 @@ class KVClient:
         return self.json_call("PATCH", "/v1/admin/config", changes)
 
 
-def _read(resp: http.client.HTTPResponse) -> bytearray:
-    """The whole response body into one writable buffer (tensors can view it without a copy)."""
+def _read(resp: http.client.HTTPResponse, out: memoryview | None = None) -> memoryview:
+    """The whole response body, received straight into one writable buffer: `out` when it fits and the
+    status is a success, else a new one (on huge pages when large: see kvstore.wire.empty_buffer)."""
     if resp.length is None:
-        return bytearray(resp.read())
-    body = bytearray(resp.length)
-    view = memoryview(body)
+        return memoryview(bytearray(resp.read()))
+    if out is not None and resp.status < 400 and resp.length <= out.nbytes:
+        view = memoryview(out).cast("B")[: resp.length]
+    else:
+        view = memoryview(empty_buffer(resp.length))
     got = 0
-    while got < len(body):
+    while got < len(view):
         n = resp.readinto(view[got:])
         if not n:
-            raise ConnectionError(f"response truncated: {got} of {len(body)} bytes")
+            raise ConnectionError(f"response truncated: {got} of {len(view)} bytes")
         got += n
-    return body
+    return view
 
 
 def _raise_for(reply: Reply, method: str, path: str) -> None:
@@ -240,7 +253,7 @@ def _raise_for(reply: Reply, method: str, path: str) -> None:
 
 def _detail(reply: Reply) -> str:
     try:
-        detail = json.loads(reply.body).get("detail", "")
+        detail = json.loads(bytes(reply.body)).get("detail", "")
     except (ValueError, AttributeError):
         return bytes(reply.body[:500]).decode(errors="replace")
     return detail if isinstance(detail, str) else json.dumps(detail)

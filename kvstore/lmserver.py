@@ -38,6 +38,7 @@ from kvstore.lmproto import (
     reply_for,
 )
 from kvstore.store import TieredStore
+from kvstore.wire import RecycledBuffers
 
 log = logging.getLogger("kvfuse.lm")
 _DRAIN_CHUNK = 1 << 20
@@ -57,12 +58,14 @@ class LmServer:
         port: int = 0,
         max_value_bytes: int = 256 << 20,
         metrics: Any = None,
+        buffers: RecycledBuffers | None = None,
     ) -> None:
         self.store = store
         self.host = host
         self.port = port
         self.max_value_bytes = max_value_bytes
         self.metrics = metrics
+        self.buffers = buffers or RecycledBuffers()
         self.open_connections = 0
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
@@ -163,8 +166,9 @@ class LmServer:
                 "lm:// PUT of %d bytes over the %d-byte limit dropped", req.length, self.max_value_bytes
             )
             return FAIL
-        payload = torch.empty(req.length, dtype=torch.uint8)  # uninitialized: the socket fills it
-        if not await _recv_into(sock, memoryview(payload.numpy()).cast("B")):
+        buffer = self.buffers.take(req.length)  # memory used before, if a released one fits
+        payload = torch.from_numpy(buffer)
+        if not await _recv_into(sock, memoryview(buffer)):
             raise Disconnected
         if self.metrics is not None:
             self.metrics.lm_bytes.labels("in").inc(req.length)

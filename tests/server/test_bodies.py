@@ -1,0 +1,103 @@
+"""How bodies are received: in one piece (slow senders, Expect: 100-continue), into a caller's buffer,
+into receive buffers that are reused only once nothing refers to them."""
+
+from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import urlsplit
+
+import torch
+from server_helpers import LAYOUT, kv
+
+from kvstore import Entry
+from kvstore.format import encode_bytes
+from kvstore.wire import RecycledBuffers, empty_buffer
+
+
+def _address(buffer) -> int:
+    return torch.from_numpy(buffer).data_ptr()
+
+
+def test_recycled_buffers_come_back_only_when_nothing_refers_to_them():
+    pool = RecycledBuffers(max_bytes=64 << 20, min_bytes=1 << 20)
+    first = pool.take(5 << 20)
+    where = _address(first)
+    kept = torch.from_numpy(first[100:200])  # a view of a view: holds the memory too
+    del first
+    second = pool.take(5 << 20)
+    assert _address(second) != where and pool.stats() == (2, 0)
+    del kept
+    assert pool.stats() == (1, 1)
+    third = pool.take((5 << 20) - 7)  # a slightly smaller body fits the released buffer
+    assert _address(third) == where and len(third) == (5 << 20) - 7
+    del second, third
+    assert pool.stats() == (0, 2)
+    assert len(pool.take(1000)) == 1000 and pool.stats() == (0, 2)  # small: a plain allocation
+
+
+def test_recycled_buffers_stay_within_their_budget():
+    pool = RecycledBuffers(max_bytes=20 << 20, min_bytes=1 << 20)
+    held = [pool.take(3 << 20) for _ in range(6)]  # 18 MiB: past the budget some are untracked
+    lent, idle = pool.stats()
+    assert lent < 6 and idle == 0 and all(len(b) == 3 << 20 for b in held)
+    del held
+    assert pool.stats() == (0, lent)
+
+
+def test_empty_buffer_is_writable_and_large_ones_start_on_a_huge_page():
+    for n in (0, 1000, 3 << 20, (5 << 20) + 123):
+        buf = empty_buffer(n)
+        assert len(buf) == n and buf.flags.writeable
+    assert _address(empty_buffer(6 << 20)) % (2 << 20) == 0
+
+
+def test_get_into_a_callers_buffer(server):
+    client = server.client()
+    entry = Entry.plain("bodies-out", LAYOUT, kv(16, seed=5))
+    client.put(entry)
+    out = memoryview(bytearray(2 << 20))
+    got = client.get(entry.key, out=out)
+    start = torch.frombuffer(out, dtype=torch.uint8).data_ptr()
+    assert torch.equal(got.kv, entry.kv) and start <= got.kv.data_ptr() < start + len(out)
+    small = memoryview(bytearray(100))  # too small: received into new memory, still right
+    assert torch.equal(client.get(entry.key, out=small).kv, entry.kv)
+    assert client.get("bodies-missing", out=out) is None
+
+
+def _raw_put(server, key: str, body: bytes, pieces: int, expect_continue: bool = False) -> bytes:
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        head = f"PUT /v1/kv/entries/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        sock.sendall((head + ("Expect: 100-continue\r\n" if expect_continue else "") + "\r\n").encode())
+        if expect_continue:
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        step = -(-len(body) // pieces)
+        for at in range(0, len(body), step):
+            sock.sendall(body[at : at + step])
+            time.sleep(0.02)  # each piece arrives on its own
+        return sock.recv(1000)
+
+
+def test_a_body_sent_in_slow_pieces_is_stored_exactly(server):
+    entry = Entry.plain("bodies-slow", LAYOUT, kv(16, seed=6))
+    reply = _raw_put(server, entry.key, encode_bytes(entry), pieces=7)
+    assert reply.startswith(b"HTTP/1.1 201")
+    assert torch.equal(server.client().get(entry.key).kv, entry.kv)
+
+
+def test_expect_100_continue_gets_its_interim_reply(server):
+    entry = Entry.plain("bodies-continue", LAYOUT, kv(16, seed=7))
+    reply = _raw_put(server, entry.key, encode_bytes(entry), pieces=2, expect_continue=True)
+    assert reply.startswith(b"HTTP/1.1 201")
+    assert torch.equal(server.client().get(entry.key).kv, entry.kv)
+
+
+def test_many_puts_in_a_row_each_keep_their_own_bytes(server):
+    """Receive buffers are reused between requests: no stored entry may see a later body's bytes."""
+    client = server.client()
+    entries = [Entry.plain(f"bodies-row-{i}", LAYOUT, kv(48, seed=10 + i)) for i in range(6)]  # 1.1 MiB
+    for e in entries:
+        client.put(e)
+    for e in entries:
+        assert torch.equal(client.get(e.key).kv, e.kv)
