@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -95,11 +94,11 @@ class SemanticCache:
         return LocalStore(folder / "documents" if folder else None)
 
     def _make_verifier(self) -> Verifier | None:
-        """Loaded even with the stage off: its P(same meaning) still feeds the false-hit estimates."""
-        path = self.config.verifier_path or DEFAULT_WEIGHTS
-        if not self.config.verify and not Path(path).is_file():
+        """Only with the stage on: its cross-encoder costs a forward pass per candidate, too much to run
+        just for the false-hit estimates (which are therefore only kept while verifying)."""
+        if not self.config.verify:
             return None
-        verifier = Verifier.load(path)
+        verifier = Verifier.shared(self.config.verifier_path or DEFAULT_WEIGHTS)
         if self.config.verifier_cut is not None:
             verifier.cut = self.config.verifier_cut
         return verifier
@@ -255,13 +254,15 @@ class SemanticCache:
         else:
             self._search(question, vec, Scope(tenant, model, cat.name), result)
         t2 = time.perf_counter()
+        verify_ms = result.timings_ms.get("verify", 0.0)  # set by _pick; reported on its own
         result.timings_ms = {
             "embed": (t1 - t0) * 1e3,
-            "search_fetch": (t2 - t1) * 1e3,
+            "search_fetch": (t2 - t1) * 1e3 - verify_ms,
+            "verify": verify_ms,
             "total": (t2 - t0) * 1e3,
         }
         p_false = 1.0 - result.p_same if result.hit and result.p_same is not None else 0.0
-        self.metrics.lookup(cat.name, result.hit, result.timings_ms["search_fetch"], p_false)
+        self.metrics.lookup(cat.name, result.hit, (t2 - t1) * 1e3, p_false)  # search, fetch and verify
         return result
 
     def _vector(self, question: str, vector: np.ndarray | None) -> np.ndarray:
@@ -316,8 +317,12 @@ class SemanticCache:
                 result.reason = "candidate expired"
                 continue
             if self.verifier is not None:
+                tv = time.perf_counter()
                 result.p_same = self.verifier.p_same(question, doc.question, vec, doc.vector)
-                if self.config.verify and result.p_same < self.verifier.cut:
+                result.timings_ms["verify"] = (
+                    result.timings_ms.get("verify", 0.0) + (time.perf_counter() - tv) * 1e3
+                )
+                if result.p_same < self.verifier.cut:
                     self.metrics.count(scope.category, "rejected_by_verifier")
                     result.reason = "refused by the verifier"
                     continue

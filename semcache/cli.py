@@ -55,8 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cv", type=int, metavar="FOLDS", help="report k-fold accuracy on the examples instead")
     p = sub.add_parser("fit-verifier", help="refit the verifier on labelled question pairs")
     p.add_argument("--pairs", help="JSON [{text_a, text_b, label}] (default: the shared QQP pairs)")
-    p.add_argument("--out", help="where to write the weights (default: the package's verifier.json)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    p.add_argument("--out", help="where to write the weights (default: the package's verifier.safetensors)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
+    p.add_argument(
+        "--epochs", type=int, default=1, help="cross-encoder epochs (about 20 min each on 1 thread)"
+    )
     p.add_argument(
         "--target-precision",
         type=float,
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.semcache_command == "fit-verifier":
         from semcache.fit import fit_verifier_cli
 
-        _print(fit_verifier_cli(args.pairs, args.out, args.limit, args.target_precision))
+        _print(fit_verifier_cli(args.pairs, args.out, args.limit, args.target_precision, args.epochs))
         return 0
     if getattr(args, "question", None) is not None:
         from semcache.limits import Limits

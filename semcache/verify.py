@@ -1,20 +1,25 @@
 """Verification after the threshold: is the cached question really the same question?
 
 Cosine similarity alone confuses near-duplicates that differ in the one word that matters (a number,
-a negation, "ascending" vs "descending"). A small network over the cosine, lexical mismatch
-features and the element-wise product and difference of the two embeddings (the classic sentence-pair
-head) gives P(same meaning); a candidate below `cut` is refused. Weights are fitted on QQP question
-pairs (`kvfuse semcache fit-verifier`) and stored as safetensors next to this file (no pickle).
+a negation, "ascending" vs "descending"). A small cross-encoder (semcache/cross_encoder.py) reads
+both questions together and gives a logit; a small network stacks that logit with the cosine and
+lexical mismatch features into P(same meaning); a candidate below `cut` is refused. Weights are fitted
+on QQP question pairs (`kvfuse semcache fit-verifier`) and stored as safetensors next to this file
+(no pickle).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from semcache.cross_encoder import PREFIX as CROSS_PREFIX
+from semcache.cross_encoder import PairEncoder
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("verifier.safetensors")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -56,6 +61,7 @@ LEXICAL = (
     "first_word_mismatch",
     "length_log_ratio",
 )
+FEATURES = (*LEXICAL, "cross_logit")
 
 
 def _words(text: str) -> list[str]:
@@ -99,38 +105,36 @@ def lexical_features(query: str, cached: str, cosine: float) -> np.ndarray:
     )
 
 
-def pair_features(query: str, cached: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    cosine = float(np.dot(u, v))
-    return np.concatenate([lexical_features(query, cached, cosine), u * v, np.abs(u - v)])
-
-
-def feature_matrix(queries: list[str], cached: list[str], U: np.ndarray, V: np.ndarray) -> np.ndarray:
-    return np.stack([pair_features(q, c, u, v) for q, c, u, v in zip(queries, cached, U, V, strict=True)])
+def stack_features(queries: list[str], cached: list[str], cos: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    lex = np.stack([lexical_features(q, c, float(s)) for q, c, s in zip(queries, cached, cos, strict=True)])
+    return np.concatenate([lex, np.asarray(logits, np.float32)[:, None]], axis=1)
 
 
 @dataclass
 class Verifier:
-    """A one-hidden-layer network over standardized pair features (inference in numpy)."""
+    """The cross-encoder, then a one-hidden-layer network over its logit and the lexical features."""
 
+    encoder: PairEncoder
     mean: np.ndarray
     std: np.ndarray
     w1: np.ndarray  # [features, hidden]
     b1: np.ndarray
     w2: np.ndarray  # [hidden]
     b2: float
-    cut: float = 0.5  # P(same meaning) a candidate needs; chosen on training pairs (see semcache/fit.py)
+    cut: float = 0.5  # P(same meaning) a candidate needs; chosen on calibration pairs (semcache/fit.py)
 
     def __post_init__(self) -> None:
         n, h = self.w1.shape
         if (
-            self.mean.shape != (n,)
+            n != len(FEATURES)
+            or self.mean.shape != (n,)
             or self.std.shape != (n,)
             or self.b1.shape != (h,)
             or self.w2.shape != (h,)
         ):
             raise ValueError(
-                f"verifier shapes disagree: w1 {self.w1.shape}, mean {self.mean.shape}, "
-                f"std {self.std.shape}, b1 {self.b1.shape}, w2 {self.w2.shape}"
+                f"verifier shapes disagree: w1 {self.w1.shape} ({len(FEATURES)} features expected), "
+                f"mean {self.mean.shape}, std {self.std.shape}, b1 {self.b1.shape}, w2 {self.w2.shape}"
             )
         if not 0.0 <= self.cut <= 1.0:
             raise ValueError(f"verifier cut must be in [0, 1], got {self.cut}")
@@ -140,17 +144,40 @@ class Verifier:
         logits = np.maximum(z @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2
         return 1.0 / (1.0 + np.exp(-logits))
 
+    def features(self, queries: list[str], cached: list[str], U: np.ndarray, V: np.ndarray) -> np.ndarray:
+        cos = np.einsum("ij,ij->i", np.atleast_2d(U), np.atleast_2d(V))
+        return stack_features(queries, cached, cos, self.encoder.logits(cached, queries))
+
+    def p_same_many(self, queries: list[str], cached: list[str], U: np.ndarray, V: np.ndarray) -> np.ndarray:
+        p = self.probability(self.features(queries, cached, U, V))
+        # a hard rule: the networks see too few opposite-word pairs to learn it
+        opposite = np.array([opposite_words(q, c) for q, c in zip(queries, cached, strict=True)])
+        return np.where(opposite, 0.0, p)
+
     def p_same(self, query: str, cached: str, u: np.ndarray, v: np.ndarray) -> float:
         if opposite_words(query, cached):
-            return 0.0  # a hard rule: the network sees too few such pairs to learn it
-        return float(self.probability(pair_features(query, cached, u, v))[0])
+            return 0.0  # skip the cross-encoder: the answer is known
+        return float(self.p_same_many([query], [cached], u[None], v[None])[0])
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, hidden: int = 64, epochs: int = 10, seed: int = 0) -> Verifier:
-        """Train with torch (AdamW, dropout 0.2, batches of 256); ~40 s for 20k pairs on 2 cores."""
+    def fit_stacker(
+        cls,
+        encoder: PairEncoder,
+        queries: list[str],
+        cached: list[str],
+        U: np.ndarray,
+        V: np.ndarray,
+        y: np.ndarray,
+        hidden: int = 16,
+        epochs: int = 60,
+        seed: int = 0,
+    ) -> Verifier:
+        """Train the stacking network with torch (AdamW, dropout 0.2, batches of 128); seconds."""
         import torch
 
-        X, y = np.asarray(X, np.float32), np.asarray(y, np.float32)
+        cos = np.einsum("ij,ij->i", U, V)
+        X = stack_features(queries, cached, cos, encoder.logits(cached, queries))
+        y = np.asarray(y, np.float32)
         mean, std = X.mean(axis=0), X.std(axis=0) + 1e-6
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -160,16 +187,17 @@ class Verifier:
             torch.nn.Dropout(0.2),
             torch.nn.Linear(hidden, 1),
         )
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-3)
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
         Z, Y = torch.from_numpy((X - mean) / std), torch.from_numpy(y)
         for _ in range(epochs):
-            for idx in torch.randperm(len(Z), generator=gen).split(256):
+            for idx in torch.randperm(len(Z), generator=gen).split(128):
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(net(Z[idx]).squeeze(1), Y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         lin1, lin2 = net[0], net[3]
         return cls(
+            encoder,
             mean,
             std,
             lin1.weight.detach().numpy().T.copy(),
@@ -181,18 +209,23 @@ class Verifier:
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
-        tensors = {
-            "mean": self.mean,
-            "std": self.std,
-            "w1": self.w1,
-            "b1": self.b1,
-            "w2": self.w2,
-            "b2": np.array([self.b2], np.float32),
+        stack = {"mean": self.mean, "std": self.std, "w1": self.w1, "b1": self.b1, "w2": self.w2}
+        stack["b2"] = np.array([self.b2], np.float32)
+        tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in stack.items()}
+        tensors.update({k: np.ascontiguousarray(v) for k, v in self.encoder.trained_tensors().items()})
+        meta = {
+            "cut": repr(self.cut),
+            "features": json.dumps(list(FEATURES)),
+            "frozen_layers": str(self.encoder.frozen_layers),
         }
-        meta = {"cut": repr(self.cut), "features": json.dumps(list(LEXICAL) + ["u*v", "|u-v|"])}
-        save_file(
-            {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path), metadata=meta
-        )
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def shared(cls, path: str | Path = DEFAULT_WEIGHTS) -> Verifier:
+        """A copy of the weights loaded once per process (caches and server replicas share the model);
+        the copy's `cut` can be changed without touching the others'."""
+        p = Path(path).resolve()
+        return replace(_load_once(str(p), p.stat().st_mtime_ns if p.is_file() else 0))
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_WEIGHTS) -> Verifier:
@@ -201,7 +234,18 @@ class Verifier:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-                cut = float(f.metadata()["cut"])
-            return cls(t["mean"], t["std"], t["w1"], t["b1"], t["w2"], float(t["b2"][0]), cut)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                meta = f.metadata()
+            if json.loads(meta["features"]) != list(FEATURES):
+                raise ValueError(f"features {meta['features']} are not this code's {list(FEATURES)}")
+            encoder = PairEncoder(int(meta["frozen_layers"]))
+            encoder.load_trained({k: v for k, v in t.items() if k.startswith(CROSS_PREFIX)})
+            return cls(
+                encoder, t["mean"], t["std"], t["w1"], t["b1"], t["w2"], float(t["b2"][0]), float(meta["cut"])
+            )
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"verifier weights {path} are unreadable: {exc}") from exc
+
+
+@lru_cache(maxsize=4)
+def _load_once(path: str, mtime_ns: int) -> Verifier:  # mtime in the key: refitted weights are reloaded
+    return Verifier.load(path)

@@ -271,6 +271,11 @@ def test_verifier_stage_refuses_near_duplicates_a_threshold_accepts(make_cache, 
         assert not res.hit and res.reason == "refused by the verifier", res
     ok = verified.lookup("In Python, how can I sort a list in ascending order?", "t")
     assert ok.hit and ok.p_same > verified.verifier.cut
+    assert ok.timings_ms["verify"] > 0.0  # the stage's cost is reported apart from search + fetch
+    assert (
+        plain.lookup("In Python, how can I sort a list in ascending order?", "t").timings_ms["verify"] == 0.0
+    )
+    assert plain.verifier is None  # switched off: the cross-encoder is not even loaded
     assert verified.stats()["metrics"]["default"]["rejected_by_verifier"] >= 2
 
 

@@ -219,3 +219,51 @@ def test_verifier_weights_load_and_refuse_number_and_negation_changes(embedder):
     assert p[0] > p[1] and p[0] > p[2]
     assert lexical_features(*pairs[1], 0.9)[4] == 1.0  # number mismatch feature
     assert lexical_features(*pairs[2], 0.9)[5] == 1.0  # negation mismatch feature
+
+
+def test_split_keeps_every_question_on_one_side(shared_data):
+    from semcache.fit import component_keys, load_pairs, split_pairs, split_train
+
+    chain = [
+        {"text_a": "q1", "text_b": "q2", "label": 1},
+        {"text_a": "q3", "text_b": "q2", "label": 0},  # joins q1's component through q2
+        {"text_a": "q4", "text_b": "q5", "label": 1},
+    ]
+    assert component_keys(chain) == ["q1", "q1", "q4"]
+    pairs = load_pairs(shared_data / "semcache" / "qqp_pairs_dev.json")
+    train, held = split_pairs(pairs)
+    fit_side, calib = split_train(train)
+
+    def texts(side):
+        return {t for p in side for t in (p["text_a"], p["text_b"])}
+
+    assert len(train) + len(held) == len(pairs) and 0.4 < len(held) / len(pairs) < 0.6
+    assert not texts(train) & texts(held)  # QQP questions repeat across pairs: none crosses the split
+    assert not texts(fit_side) & texts(calib)
+
+
+# Taken from the held-out side of the split (asserted below): the shipped weights never saw them.
+HELD_OUT_SAME = (
+    "Which are the best countries for studying abroad?",
+    "What are the best countries to study abroad?",
+)
+HELD_OUT_DIFFERENT = (
+    "What are the pros and cons of marrying a girl who is 5 years younger?",
+    "What are the pros and cons of marrying a girl who is 9 years younger?",
+)
+
+
+def test_shipped_verifier_separates_held_out_pairs(embedder, shared_data):
+    from semcache.fit import load_pairs, split_pairs
+
+    held = split_pairs(load_pairs(shared_data / "semcache" / "qqp_pairs_dev.json"))[1]
+    labels = {(p["text_a"], p["text_b"]): p["label"] for p in held}
+    assert labels[HELD_OUT_SAME] == 1 and labels[HELD_OUT_DIFFERENT] == 0
+    verifier = Verifier.load()
+    p, cos = [], []
+    for cached, query in (HELD_OUT_SAME, HELD_OUT_DIFFERENT):
+        v, u = embedder.embed([cached, query])
+        cos.append(float(u @ v))
+        p.append(verifier.p_same(query, cached, u, v))
+    assert min(cos) >= 0.85  # both pass the default category's cosine threshold (0.85)
+    assert p[0] >= verifier.cut > p[1], p
