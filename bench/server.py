@@ -4,7 +4,7 @@
     .venv/bin/python bench/server.py             # 32 chunks, 500 lookups
 
 Chunks are 5.6 MiB fp16 ([30 layers, 2, 256 tokens, 3 KV heads, 64 dims], SmolLM2-135M), held in the host
-tier (disk off, so the wire is measured, not the disk). HTTP: KVClient entries (checksummed both ways);
+tier (prefaulted, disk off: the wire is measured, not first-touch page faults or the disk). HTTP: KVClient entries (checksummed both ways);
 `http_get` receives each into one reused buffer (`get(key, out=...)`) as the lm:// client does,
 `http_get_new` each into new memory (a caller keeping every entry). lm://: a blocking client of the
 spec's protocol, as LMCache's connector does it (recv_into a buffer);
@@ -195,7 +195,8 @@ def main() -> None:
     result["copy_gibs"] = nbytes / _best(lambda: [t.clone() for t in data]) / GIB
     host = f"{(2 * 3 * nbytes + (256 << 20)) >> 20}MiB"  # every round of both protocols stays in RAM
     with tempfile.TemporaryDirectory() as home:
-        server = launch(Path(home), {"KVFUSE_HOST_BYTES": host, "KVFUSE_DISK_BYTES": "0"})
+        env = {"KVFUSE_HOST_BYTES": host, "KVFUSE_DISK_BYTES": "0", "KVFUSE_HOST_PREFAULT": "1"}
+        server = launch(Path(home), env)
         try:
             result.update(bench_transfers(KVClient(server.url), server.lm_port, data))
             result.update(bench_latency(server, lookups))

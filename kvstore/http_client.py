@@ -120,6 +120,7 @@ class KVClient:
         content_type: str | None,
         out: memoryview | None,
     ) -> Reply:
+        _cork(conn.sock, 1)  # head and small parts in full packets, not one packet (and wake-up) each
         conn.putrequest(method, self._base + path, skip_accept_encoding=True)
         if buffers or method in ("POST", "PUT", "PATCH"):
             conn.putheader("Content-Length", str(sum(len(b) for b in buffers)))
@@ -129,6 +130,7 @@ class KVClient:
         conn.endheaders()
         for buf in buffers:
             conn.send(buf)
+        _cork(conn.sock, 0)
         resp = conn.getresponse()
         return Reply(resp.status, resp.getheader("content-type", ""), _read(resp, out))
 
@@ -217,6 +219,14 @@ class KVClient:
 
     def set_config(self, **changes: Any) -> dict[str, Any]:
         return self.json_call("PATCH", "/v1/admin/config", changes)
+
+
+_TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux
+
+
+def _cork(sock: socket.socket | None, on: int) -> None:
+    if _TCP_CORK is not None and sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
 
 
 def _read(resp: http.client.HTTPResponse, out: memoryview | None = None) -> memoryview:

@@ -1,21 +1,25 @@
-"""Request body limits, and bodies received in one piece: refuse oversized bodies before they are read,
-receive the rest straight into the buffer that becomes the stored tensor.
+"""Request bodies: limits, and received in one piece. Oversized bodies are refused before they are read;
+the rest go straight into the buffer that becomes the stored tensor.
 
 `BodyLimit` is ASGI middleware: a declared Content-Length over `settings.max_body_bytes` gets 413 before
 a byte is read, and a chunked body that grows past it is cut off with 413 as soon as it crosses. It
 applies to every route, including those of other packages' routers.
 
-`bulk_protocol(limit)` is uvicorn's httptools protocol with one change: a body with a Content-Length of
-64 KiB up to the limit is copied, as it arrives, into one buffer (memory used before when possible, see
-kvstore.wire.RecycledBuffers) and handed to the app as one message. Stock uvicorn hands it over in ~64 KiB
-messages, each a copy, a pause/resume of the socket and a trip through the middleware stack: a 5.6 MiB
-put took ~90 of them. Oversized, chunked and small bodies take uvicorn's usual path. `read_body` returns
-such a body as it is (no copy) and fills one preallocated buffer from any other.
+`bulk_protocol(limit, buffers)` is uvicorn's httptools protocol with two changes. A body with a
+Content-Length of 64 KiB up to the limit is copied, as it arrives, into one buffer (memory used before
+when possible, see kvstore.wire.RecycledBuffers) and handed to the app as one message; stock uvicorn
+hands it over in ~64 KiB messages, each a copy, a pause/resume of the socket and a trip through the
+middleware stack (a 5.6 MiB put took ~90). Oversized, chunked and small bodies take uvicorn's usual
+path. And a response leaves in full packets (TCP_CORK from its start to its last part), not head and
+parts one by one. `read_body` returns a body received in one piece as it is (no copy) and fills one
+buffer from any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -103,8 +107,12 @@ def bulk_protocol(limit: Callable[[], int], buffers: RecycledBuffers) -> type | 
         def on_headers_complete(self) -> None:
             previous = self.cycle
             super().on_headers_complete()  # creates self.cycle and schedules the app (not on upgrades)
-            size = None if self.cycle is previous else _bulk_size(self.headers, limit())
+            if self.cycle is previous:
+                self._bulk = None
+                return
+            size = _bulk_size(self.headers, limit())
             self._bulk = None if size is None else _Bulk(self.cycle, buffers.take(size))
+            _cork_responses(self.cycle)
 
         def on_body(self, body: bytes) -> None:
             if self._bulk is None:
@@ -155,6 +163,35 @@ class _Bulk:
         return {"type": "http.request", "body": body, "more_body": False}
 
 
+def _cork_responses(cycle: Any) -> None:
+    """Send each response in full packets: the socket is corked from the response's start to its last
+    body part. Uncorked, the head and every small part (a frame's prefix and header) leave as packets
+    of their own, each waking the client, which on a busy machine costs more than the bytes."""
+    sock = cycle.transport.get_extra_info("socket")
+    if _TCP_CORK is None or sock is None:
+        return
+    plain_send = cycle.send
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            _cork(sock, 1)
+        done = True
+        try:
+            await plain_send(message)
+            done = message["type"] == "http.response.body" and not message.get("more_body", False)
+        finally:
+            if done:  # the last part, or a failed send: let everything go
+                _cork(sock, 0)
+
+    cycle.send = send  # the app's task has not started yet: it will call this one
+
+
+def _cork(sock: Any, on: int) -> None:
+    with contextlib.suppress(OSError):  # the client went away: nothing left to send
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
+
+
+_TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux
 _BULK_MIN = 64 << 10
 
 

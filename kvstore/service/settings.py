@@ -61,6 +61,7 @@ class ServerSettings(BaseSettings):
     max_body_bytes: Size = 256 << 20
     log_level: str = "info"
     host_bytes: Size = _STORE_DEFAULTS["host_bytes"]
+    host_prefault: bool = _STORE_DEFAULTS["host_prefault"]  # touch the host pool at start
     disk_path: Path | None = None  # default: $KVFUSE_HOME/store
     disk_bytes: Size = _STORE_DEFAULTS["disk_bytes"]  # 0: no disk tier
     disk_fsync: bool = _STORE_DEFAULTS["disk_fsync"]
@@ -105,6 +106,7 @@ class ServerSettings(BaseSettings):
         disk = self.resolved_disk_path()
         return StoreConfig(
             host_bytes=self.host_bytes,
+            host_prefault=self.host_prefault,
             disk_path=None if disk is None else str(disk),
             disk_bytes=self.disk_bytes,
             disk_fsync=self.disk_fsync,
