@@ -7,8 +7,10 @@ and offloads the rest to the kvstore as units: the prompt's middle as k-means cl
 least `min_segment`, at most `max_segment` tokens) once they leave the window. A unit is represented by
 its mean key.
 
-At each decode step and layer, `r_t` = mean over query heads of cos(q_{t-1}, q_t). When `r_t < tau` (and
-at the first step) the layer re-selects: per KV head, units by group-consistent score until the budget
+At each decode step and layer, `r_t` = mean over query heads of cos(q_{t-1}, q_t) (the post-RoPE query
+rows the engine hands over; trigger "anchor" compares with the query of the layer's last retrieval
+instead). When `r_t < tau` (the layer's own tau when `tau` is a tuple; and at the first step) the layer
+re-selects: per KV head, units by group-consistent score until the budget
 is full (units already resident stay; only new ones are fetched). Otherwise the last selection is reused.
 Attention is exact over sinks + selected units + local window at the tokens' original positions.
 
@@ -33,16 +35,24 @@ from retrieval.subset import subset_attention
 from retrieval.units import UnitPool
 from retrieval.working import WorkingSet
 
-# Calibrated for SmolLM2-135M-Instruct with `calibrate_tau` on MuSiQue passage prompts: r_t < 0.8 on about
-# 24% of (layer, step) pairs (0.83: 36%, 0.77: 15%). Calibrate again for another model.
-DEFAULT_TAU = 0.8
+# Calibrated for SmolLM2-135M-Instruct with `calibrate_tau` (trigger "adjacent", target 30%, 3 MuSiQue
+# passage prompts of ~1K tokens, 96 tokens decoded each): one tau per layer. A single tau (0.8: 25% of
+# (layer, step) pairs overall) retrieved on 41-79% of the steps of layers 0-11 and 0-20% of layers 12-29,
+# whose selections went stale. Calibrate again for another model (a tuple of another length is refused).
+DEFAULT_TAU = (
+    0.70, 0.75, 0.73, 0.78, 0.74, 0.77, 0.78, 0.74, 0.74, 0.76, 0.81, 0.79, 0.88, 0.90, 0.86,
+    0.88, 0.91, 0.85, 0.86, 0.91, 0.85, 0.88, 0.87, 0.83, 0.82, 0.86, 0.83, 0.86, 0.84, 0.83,
+)  # fmt: skip
 DEFAULT_TRIGGER = "adjacent"
 
 
 @dataclass
 class LouisKVConfig:
     """budget: resident tokens per layer and KV head (sinks + window + retrieved units).
-    tau: retrieve when the adjacent-query cosine falls below it (> 1: every step; < -1: only the first).
+    tau: retrieve when the trigger's cosine falls below it (> 1: every step; < -1: only the first); one
+        number, or one per layer (the default, calibrated for SmolLM2-135M by `calibrate_tau`).
+    trigger: "adjacent" (cos(q_{t-1}, q_t), the paper's) or "anchor" (cos with the query of the layer's
+        last retrieval, so a slow drift also triggers).
     n_sink / window: always-resident first tokens and recent tokens.
     cluster_tokens: mean tokens per k-means unit of the prompt (4: on SmolLM2-135M, 256 tokens after a
         1,235-token prompt at budget 512 retrieving every step followed the full cache for 43 tokens with
@@ -196,6 +206,9 @@ class LouisKVLayer(LayerKV):
         heads, head_dim = k.shape[1], k.shape[3]
         self.pool = UnitPool(heads, head_dim, k.device)
         self.working = WorkingSet(heads, head_dim, k.dtype, k.device)
+        # per KV head, resident units by priority (best first): the last selection's order, with segments
+        # that left the window since then in front (recent text stays until the next retrieval)
+        self.priority: list[list[int]] = [[] for _ in range(heads)]
         self.q_ref: torch.Tensor | None = None  # the trigger's reference query (see LouisKVConfig.trigger)
 
     @property
@@ -264,6 +277,7 @@ class LouisKVLayer(LayerKV):
 
     def _retrieve(self, q: torch.Tensor, scale: float) -> None:
         chosen = self.pool.select(q, scale, self.owner.config.selection)
+        self.priority = [list(ids) for ids in chosen]
         keep, new = [], []
         for h, ids in enumerate(chosen):
             have = self.working.units(h)
@@ -273,8 +287,10 @@ class LouisKVLayer(LayerKV):
         self.working.rebuild(keep, new)
 
     def _evict_oldest_segment(self) -> None:
-        """Move the oldest closed segment out of the window: into the store, and into the working set too
-        for heads whose selection has room (so a budget that holds everything never loses a token)."""
+        """Move the oldest closed segment out of the window: into the store, and into the working set
+        too, making room there by dropping the lowest-priority retrieved units. Between retrievals the
+        segment would otherwise vanish from attention (the working set is full after a selection) while
+        the selection made for an older query stays; a budget that holds everything never drops any."""
         assert self.closed and self.closed[0][0] == self.local_start, "window holds no closed segment"
         start, end = self.closed.pop(0)
         n = end - start
@@ -284,13 +300,30 @@ class LouisKVLayer(LayerKV):
             unit = Unit(seg_k[h].clone(), seg_v[h].clone(), seg_pos.clone())
             uid = self.offload_unit(h, unit)
             have = self.working.units(h)
-            keep.append(have)
-            room = self.working.tokens(h) + n <= self.owner.config.selection
-            new.append([(uid, unit)] if room else [])
+            drop = self._lowest(h, have, self.working.tokens(h) + n - self.owner.config.selection)
+            if drop is None:  # the segment alone exceeds the room for units
+                keep.append(have)
+                new.append([])
+                continue
+            keep.append(have - drop)
+            new.append([(uid, unit)])
+            self.priority[h] = [uid] + [u for u in self.priority[h] if u not in drop]
         self.working.rebuild(keep, new)
         self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
         self.local_positions = self.local_positions[n:]
         self.local_start = end
+
+    def _lowest(self, head: int, have: set[int], excess: int) -> set[int] | None:
+        """Resident units of `head` to drop, lowest priority first, to free `excess` tokens (None: not
+        possible)."""
+        drop: set[int] = set()
+        for u in reversed(self.priority[head]):
+            if excess <= 0:
+                break
+            if u in have:
+                drop.add(u)
+                excess -= self.pool.size(head, u)
+        return drop if excess <= 0 else None
 
     def offload_unit(self, head: int, unit: Unit) -> int:
         uid = len(self.pool.keys[head])

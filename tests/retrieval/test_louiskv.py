@@ -60,6 +60,24 @@ def test_resident_bytes_never_exceed_the_budget(engine, probe):
     assert max(seen) <= r.budget_bytes // engine.spec.num_layers
 
 
+def test_segments_leaving_the_window_stay_resident_between_retrievals(engine, probe):
+    """With one retrieval only (the first step), the text that leaves the window afterwards displaces
+    the lowest-ranked retrieved units instead of vanishing: the whole recent text stays resident."""
+    r = LouisKV(engine, LouisKVConfig(budget=96, tau=-1.5, **SMALL), host_store())
+    cache, logits = r.prefill(probe.ids)
+    engine.decode(logits, cache, 40, attention=r.attention, stop=set())
+    assert r.stats.retrievals == engine.spec.num_layers
+    # The prompt's tail is the window's first segments; the first one leaves it (at step 1) before the
+    # step's retrieval, which then chooses among all units; the later ones leave after the retrieval.
+    first_left = len(probe.ids) - SMALL["window"] + SMALL["max_segment"]
+    for layer in r.layers:
+        assert layer.local_start - first_left >= 32  # at least two segments left after the retrieval
+        recent = set(range(first_left, layer.local_start))
+        for h in range(layer.heads):
+            assert recent <= set(layer.working.positions[h].tolist()), f"layer {layer.index} head {h}"
+    assert r.stats.peak_resident_bytes <= r.budget_bytes
+
+
 @pytest.mark.parametrize("tau", [1.5, -1.5])
 def test_tau_outside_the_cosine_range(engine, probe, tau):
     r = LouisKV(engine, LouisKVConfig(budget=128, tau=tau, **SMALL), host_store())
