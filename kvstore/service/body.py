@@ -6,17 +6,18 @@ a byte is read, and a chunked body that grows past it is cut off with 413 as soo
 applies to every route, including those of other packages' routers.
 
 `bulk_protocol(limit, buffers)` is uvicorn's httptools protocol with two changes. A body with a
-Content-Length of 64 KiB up to the limit is copied, as it arrives, into one buffer (memory used before
-when possible, see kvstore.wire.RecycledBuffers) and handed to the app as one message; stock uvicorn
-hands it over in ~64 KiB messages, each a copy, a pause/resume of the socket and a trip through the
-middleware stack (a 5.6 MiB put took ~90). Oversized, chunked and small bodies take uvicorn's usual
-path. And a response leaves in full packets (TCP_CORK from its start to its last part), not head and
+Content-Length of 64 KiB up to the limit is read from the socket straight into one buffer (memory used
+before when possible, see kvstore.wire.RecycledBuffers; the parser only sees the part that came with
+the headers) and handed to the app as one message; stock uvicorn hands it over in ~64 KiB messages,
+each two copies, a pause/resume of the socket and a trip through the middleware stack (a 5.6 MiB put
+took ~90). Oversized, chunked and small bodies take uvicorn's usual path. And a response leaves in full packets (TCP_CORK from its start to its last part), not head and
 parts one by one. `read_body` returns a body received in one piece as it is (no copy) and fills one
 buffer from any other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -97,12 +98,44 @@ def bulk_protocol(limit: Callable[[], int], buffers: RecycledBuffers) -> type | 
     """uvicorn's httptools protocol receiving bodies of 64 KiB to `limit()` bytes in one piece, into
     buffers taken from `buffers` (None when httptools is not installed: uvicorn's default serves)."""
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
 
-    class BulkBodyProtocol(HttpToolsProtocol):
+    class BulkHttp(HttpToolsProtocol):
+        """Reads land in a scratch buffer fed to the parser; once a bulk body's headers are parsed,
+        they land in the body's buffer itself (as lm:// PUTs do) and the parser is skipped."""
+
         _bulk: _Bulk | None = None
+        _scratch: memoryview | None = None
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            bulk = self._bulk
+            if bulk is not None and bulk.raw:
+                return bulk.view[bulk.got :]
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_SCRATCH))
+            return self._scratch
+
+        def buffer_updated(self, nbytes: int) -> None:
+            bulk = self._bulk
+            if bulk is None or not bulk.raw:
+                self.data_received(self._scratch[:nbytes])  # the parser copies what it keeps
+                bulk = self._bulk
+                if bulk is not None:  # its headers were in this read, and some of it: the rest goes raw
+                    bulk.raw = True
+                return
+            bulk.got += nbytes
+            if bulk.got == len(bulk.view):
+                self._end_raw_body()
+
+        def _end_raw_body(self) -> None:
+            # the old parser still waits for the body it never saw: the next request needs a new one
+            self.parser = httptools.HttpRequestParser(self)
+            with contextlib.suppress(AttributeError):  # httptools < 0.6.3
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+            self.on_message_complete()
 
         def on_headers_complete(self) -> None:
             previous = self.cycle
@@ -117,12 +150,39 @@ def bulk_protocol(limit: Callable[[], int], buffers: RecycledBuffers) -> type | 
         def on_body(self, body: bytes) -> None:
             if self._bulk is None:
                 super().on_body(body)
-            elif not self.cycle.response_complete:  # an app that answered early ignores the rest
+            else:  # the part of the body that came with its headers
                 self._bulk.add(body)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()  # wakes the app's receive()
             self._bulk = None
+
+    class BulkBodyProtocol(asyncio.BufferedProtocol):
+        """uvloop reads into a protocol's buffers only when it is no asyncio.Protocol: this wraps one."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.http = BulkHttp(*args, **kwargs)
+
+        def connection_made(self, transport: Any) -> None:
+            self.http.connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.http.connection_lost(exc)
+
+        def eof_received(self) -> bool | None:
+            return self.http.eof_received()
+
+        def pause_writing(self) -> None:
+            self.http.pause_writing()
+
+        def resume_writing(self) -> None:
+            self.http.resume_writing()
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return self.http.get_buffer(sizehint)
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.http.buffer_updated(nbytes)
 
     return BulkBodyProtocol
 
@@ -134,6 +194,7 @@ class _Bulk:
         self.cycle = cycle
         self.view: memoryview | None = memoryview(buffer)
         self.got = 0
+        self.raw = False  # reads go straight into `view`, past the parser
         self.plain_receive = cycle.receive
         cycle.receive = self.receive  # the app's task has not started yet: it will call this one
 
@@ -193,6 +254,7 @@ def _cork(sock: Any, on: int) -> None:
 
 _TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux
 _BULK_MIN = 64 << 10
+_SCRATCH = 256 << 10  # a read that is not a bulk body's (uvloop's own read size)
 
 
 def _bulk_size(headers: list[tuple[bytes, bytes]], limit: int) -> int | None:

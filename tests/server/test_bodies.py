@@ -101,3 +101,25 @@ def test_many_puts_in_a_row_each_keep_their_own_bytes(server):
         client.put(e)
     for e in entries:
         assert torch.equal(client.get(e.key).kv, e.kv)
+
+
+def test_pipelined_puts_on_one_connection(server):
+    """Two requests sent back to back: the second's head follows the first's body in the same stream."""
+    entries = [Entry.plain(f"bodies-pipe-{i}", LAYOUT, kv(48, seed=20 + i)) for i in range(2)]
+    parts = urlsplit(server.url)
+    stream = b""
+    for e in entries:
+        body = encode_bytes(e)
+        stream += (
+            f"PUT /v1/kv/entries/{e.key} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        stream += body
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(stream)
+        replies = b""
+        while replies.count(b"HTTP/1.1 201") < 2:
+            chunk = sock.recv(4096)
+            assert chunk, f"connection closed after {replies!r}"
+            replies += chunk
+    for e in entries:
+        assert torch.equal(server.client().get(e.key).kv, e.kv)
