@@ -4,13 +4,14 @@
     .venv/bin/python bench/server.py             # 32 chunks, 500 lookups
 
 Chunks are 5.6 MiB fp16 ([30 layers, 2, 256 tokens, 3 KV heads, 64 dims], SmolLM2-135M), held in the host
-tier (prefaulted, disk off: the wire is measured, not first-touch page faults or the disk). HTTP: KVClient entries (checksummed both ways);
-`http_get` receives each into one reused buffer (`get(key, out=...)`) as the lm:// client does,
-`http_get_new` each into new memory (a caller keeping every entry). lm://: a blocking client of the
-spec's protocol, as LMCache's connector does it (recv_into a buffer);
-a PUT has no reply, so the put time ends with a HEALTH round trip after the last one. Each rate is the
-best of 3 rounds (the machine is shared). Lookup: RemoteConnector.lookup of a 2048-token prompt (8 chunk
-keys) over HTTP; EXIST over lm://. Prints one JSON line and saves bench/out/server.png.
+tier (prefaulted, disk off: the wire is measured, not first-touch page faults or the disk). HTTP:
+KVClient entries (checksummed both ways); `http_get` receives each into one reused buffer
+(`get(key, out=...)`) as the lm:// client does, `http_get_new` each into new memory (a caller keeping
+every entry). lm://: a blocking client of the spec's protocol, as LMCache's connector does it
+(recv_into a buffer); a PUT has no reply, so the put time ends with a HEALTH round trip after the last
+one. Each rate is the best of 3 rounds (the machine is shared). Lookup: RemoteConnector.lookup of a
+2048-token prompt (8 chunk keys) over HTTP; EXIST over lm://. Prints one JSON line and saves
+bench/out/server.png (when matplotlib is installed).
 """
 
 from __future__ import annotations
