@@ -82,6 +82,21 @@ class Entry:
         """A plain entry holding `kv` ([layers, 2, tokens, kv_heads, head_dim]) as is (no copy)."""
         return cls(key, layout, {KV: kv}, positions, dict(meta))
 
+    @classmethod
+    def trusted(
+        cls,
+        key: str,
+        layout: KVLayout,
+        tensors: dict[str, torch.Tensor],
+        positions: torch.Tensor | None,
+        meta: dict[str, Any],
+    ) -> Entry:
+        """An entry built without the checks, for copies of an entry that passed them (the host tier's
+        stored copies: the checks cost more than a put's bookkeeping)."""
+        entry = object.__new__(cls)
+        entry.__dict__.update(key=key, layout=layout, tensors=tensors, positions=positions, meta=meta)
+        return entry
+
     @property
     def kv(self) -> torch.Tensor:
         return self.tensors[KV]

@@ -143,8 +143,8 @@ class TieredStore:
                 self._count(tier, "misses")
                 continue
             self._count(tier, "hits")
-            if j > 0 and self._promote(j, entry):
-                # serve the promoted copy, so the lower tier's read buffer is released at once
+            if j > 0 and self._promote(j, entry) and self.tiers[0].pooled:
+                # serve the promoted host copy, so the lower tier's read buffer is released at once
                 entry = self._peek(self.tiers[0], key) or entry
             return self._copy(entry) if copy else entry
         return None

@@ -150,15 +150,18 @@ def _sizes(entry: Entry) -> list[int]:
 
 def _copy_into(block: torch.Tensor, entry: Entry) -> Entry:
     """The entry with its tensors (and positions) copied into consecutive 8-byte aligned parts of
-    `block`, each a view of it."""
+    `block`, each a view of it (sharing its storage, so holding any of them holds the block)."""
+    storage, base = block.untyped_storage(), block.storage_offset()
     at, out = 0, []
     parts = [*entry.tensors.values(), *([] if entry.positions is None else [entry.positions])]
     for t in parts:
-        nbytes = t.numel() * t.element_size()
-        view = block[at : at + nbytes].view(t.dtype).view(t.shape)
+        size = t.element_size()
+        # set_ is ~2x cheaper than slicing and two views; offsets are in elements of t's dtype
+        view = torch.empty(0, dtype=t.dtype).set_(storage, (base + at) // size, t.shape)
         view.copy_(t)
         out.append(view)
-        at += round_up(nbytes)
+        at += round_up(t.numel() * size)
     tensors = dict(zip(entry.tensors, out, strict=False))
     positions = None if entry.positions is None else out[-1]
-    return Entry(entry.key, entry.layout, tensors, positions, dict(entry.meta))
+    # validated when `entry` was built; these are the same shapes and dtypes
+    return Entry.trusted(entry.key, entry.layout, tensors, positions, dict(entry.meta))

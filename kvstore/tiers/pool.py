@@ -11,22 +11,26 @@ coalesced with free neighbours (so mixed sizes do not fragment the region for go
 exact-size free block, else the best-fitting larger one (split), else fresh space at the top.
 
 Leases: `lease(off)` returns a uint8 tensor over the block with its own storage. The block cannot be
-reused while that tensor or any view of it is alive: the storage holds a numpy view whose finalizer
+reused while that tensor or any view of it is alive: the storage holds a numpy view whose weakref callback
 reports the release. An owner gives a block up with `free(off)`; the memory is reused only after the
 last lease dies. So an evicted entry that a reader (or the write-behind queue) still holds is never
 overwritten: it is "retired" until released, and counts as used until then.
 
 Memory: the region is reserved with `torch.empty` when the pool is created (virtual only); pages are
 faulted in on first use and kept (never returned to the OS). `prefault=True` touches every page at
-creation (RSS = capacity at once; the first puts then run at memcpy speed too). No MADV_HUGEPAGE: with
-this machine's THP defrag setting ("madvise") first touches then stall in compaction (measured 0.1-1.4
-GiB/s, against ~0.5 without).
+creation (RSS = capacity at once; the first puts then run at memcpy speed too), and then also asks for
+transparent huge pages (MADV_HUGEPAGE): copies out of 2 MiB pages ran ~10% faster here (fewer TLB
+misses). A lazily faulted pool does not ask: with this machine's THP defrag setting ("madvise") first
+touches of such memory stalled in compaction (0.1-1.4 GiB/s measured, against ~0.5 without).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -34,6 +38,8 @@ import weakref
 import torch
 
 ALIGN = 8
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
 
 
 def round_up(nbytes: int) -> int:
@@ -43,17 +49,29 @@ def round_up(nbytes: int) -> int:
 class BytePool:
     """`capacity` bytes of host memory in blocks. Thread-safe."""
 
-    def __init__(self, capacity: int, prefault: bool = False) -> None:
+    def __init__(self, capacity: int, prefault: bool = False, granule: int = ALIGN) -> None:
+        """`granule`: block sizes are multiples of it and the region starts on a multiple of it, so
+        every block is aligned to it (4096 lets O_DIRECT reads land in blocks)."""
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ValueError(f"BytePool capacity must be an int >= 0, got {capacity!r}")
+        if granule < ALIGN or granule & (granule - 1):
+            raise ValueError(f"BytePool granule must be a power of two >= {ALIGN}, got {granule!r}")
         self.capacity = capacity
+        self.granule = granule
         # uint8 [capacity], uninitialized (no pages touched); owners write blocks through views of it
-        self.tensor = torch.empty(capacity, dtype=torch.uint8)
+        align = max(granule, _HUGE if prefault else 1)
+        raw = torch.empty(capacity + align, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % align
+        self.tensor = raw[start : start + capacity]
         self._np = self.tensor.numpy()
         if prefault and capacity:
+            _huge_pages(self.tensor)
             self.tensor.fill_(0)
         self._lock = threading.Lock()
-        self._released: collections.deque[int] = collections.deque()  # appended by finalizers
+        self._released: collections.deque[tuple[int, int]] = (
+            collections.deque()
+        )  # appended by weakref callbacks
+        self._refs: dict[int, weakref.ref] = {}  # live lease weakrefs (a weakref must outlive its referent)
         self._size: dict[int, int] = {}  # allocated block offset -> size
         self._leases: dict[int, int] = {}  # allocated block offset -> live leases
         self._retired: set[int] = set()  # freed by the owner, still leased
@@ -68,8 +86,8 @@ class BytePool:
     # ---- allocation ----------------------------------------------------------------------------
 
     def alloc(self, nbytes: int) -> int | None:
-        """Offset of a new block of at least `nbytes` (rounded to ALIGN), or None if no room."""
-        size = round_up(max(nbytes, 1))
+        """Offset of a new block of at least `nbytes` (rounded to the granule), or None if no room."""
+        size = -(-max(nbytes, 1) // self.granule) * self.granule
         with self._lock:
             self._drain()
             off = self._take_free(size)
@@ -155,13 +173,16 @@ class BytePool:
         arr = self._np[off : off + size]
         with self._lock:
             self._leases[off] = self._leases.get(off, 0) + 1
-        weakref.finalize(arr, self._released.append, off).atexit = False
+        # a plain weakref callback (weakref.finalize costs ~3x more per lease)
+        ref = weakref.ref(arr, lambda r, off=off: self._released.append((id(r), off)))
+        self._refs[id(ref)] = ref
         return torch.from_numpy(arr)
 
     def _drain(self) -> None:
-        """Account lease releases (finalizers only append to a deque: they may run inside our lock)."""
+        """Account lease releases (callbacks only append to a deque: they may run inside our lock)."""
         while self._released:
-            off = self._released.popleft()
+            ref_id, off = self._released.popleft()
+            del self._refs[ref_id]
             left = self._leases[off] - 1
             self._leases[off] = left
             if not left and off in self._retired:
@@ -207,3 +228,13 @@ class BytePool:
         with self._lock:
             self._drain()
             return self._leases.get(off, 0)
+
+
+def _huge_pages(region: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages over the region's whole 2 MiB pages (best effort)."""
+    length = region.numel() // _HUGE * _HUGE
+    if sys.platform != "linux" or not length:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(length), _MADV_HUGEPAGE)

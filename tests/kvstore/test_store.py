@@ -16,7 +16,7 @@ from kvstore.tiers import DiskTier, HostTier
 def _store(tmp_path, host_entries=3, disk_entries=100, write_behind=False) -> TieredStore:
     disk = DiskTier(tmp_path / "disk", capacity_bytes=disk_entries * _disk_size())
     host = HostTier(host_entries * ENTRY_BYTES)
-    return TieredStore(StoreConfig(write_behind=write_behind), tiers=[host, disk])
+    return TieredStore(StoreConfig(write_behind=write_behind, lease_wait_s=0.01), tiers=[host, disk])
 
 
 def _disk_size() -> int:
@@ -146,7 +146,10 @@ def test_remove_and_clear(tmp_path):
 
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["put", "put", "get", "pin", "unpin", "remove"]), st.integers(0, 11)),
+    st.tuples(
+        st.sampled_from(["put", "put", "get", "pin", "unpin", "remove", "hold", "release"]),
+        st.integers(0, 11),
+    ),
     min_size=1,
     max_size=60,
 )
@@ -157,9 +160,12 @@ OPS = st.lists(
 def test_capacity_is_never_exceeded_and_data_is_never_wrong(tmp_path_factory, ops, write_behind):
     root = tmp_path_factory.mktemp("prop")
     store = _store(root, host_entries=3, disk_entries=4, write_behind=write_behind)
+    held: list[tuple[int, object]] = []  # get(copy=False) results a reader keeps: never overwritten
     try:
         for op, i in ops:
-            _apply(store, op, i)
+            _apply(store, op, i, held)
+            for j, entry in held:
+                assert torch.equal(entry.kv, tiny_entry("x", seed=j).kv)
             for tier in store.tiers:
                 assert tier.usage().bytes <= tier.capacity_bytes
             on_disk = sum(f.stat().st_size for f in (root / "disk").rglob("*.kvf"))
@@ -168,9 +174,13 @@ def test_capacity_is_never_exceeded_and_data_is_never_wrong(tmp_path_factory, op
         store.close()
 
 
-def _apply(store: TieredStore, op: str, i: int) -> None:
+def _apply(store: TieredStore, op: str, i: int, held: list) -> None:
     key = _key(i)
-    if op == "put":
+    if op == "hold" and (got := store.get(key, copy=False)) is not None:
+        held.append((i, got))
+    elif op == "release":
+        held.clear()
+    elif op == "put":
         try:
             store.put(tiny_entry(key, seed=i))
         except ValueError:

@@ -23,17 +23,25 @@ def _seed(t: int, i: int) -> int:
     return t * 1000 + i
 
 
-def _hammer(store: TieredStore, errors: list[str]) -> None:
+def _hammer(store: TieredStore, errors: list[str], copy: bool = True) -> None:
+    """Each thread puts its own keys and shared ones and reads random keys. With copy=False the reads
+    are zero-copy views of the host pool, kept across the thread's next puts (which evict): they must
+    still hold the right values when checked."""
+
     def work(t: int) -> None:
         rng = random.Random(t)
+        held = None
         try:
             for i in range(PER_THREAD):
                 store.put(tiny_entry(_key(t, i), seed=_seed(t, i)))
                 store.put(tiny_entry(_key(99, i % 5), seed=_seed(99, i % 5)))  # contended keys
+                if held is not None and not torch.equal(held[1].kv, tiny_entry("x", seed=held[0]).kv):
+                    errors.append(f"a held entry changed under its reader (seed {held[0]})")
                 u, j = rng.randrange(THREADS), rng.randrange(PER_THREAD)
-                got = store.get(_key(u, j))
+                got = store.get(_key(u, j), copy=copy)
                 if got is not None and not torch.equal(got.kv, tiny_entry("x", seed=_seed(u, j)).kv):
                     errors.append(f"wrong data for {_key(u, j)}")
+                held = None if got is None else (_seed(u, j), got)
         except Exception as e:  # surfaced by the assertion below
             errors.append(repr(e))
 
@@ -64,6 +72,18 @@ def test_sixteen_threads_host_and_disk(tmp_path):
     assert errors == []
     _check_all(store)
     assert store.stats()["tiers"]["host"]["demotions"] > 0
+    store.close()
+
+
+def test_sixteen_threads_holding_zero_copy_reads(tmp_path):
+    total = THREADS * PER_THREAD + 5
+    disk = DiskTier(tmp_path, total * encoded_nbytes(tiny_entry("0" * 32)))
+    config = StoreConfig(write_queue=8, lease_wait_s=0.05)
+    store = TieredStore(config, tiers=[HostTier(40 * ENTRY_BYTES), disk])
+    errors: list[str] = []
+    _hammer(store, errors, copy=False)
+    assert errors == []
+    _check_all(store)
     store.close()
 
 
