@@ -53,6 +53,7 @@ class BenchConfig:
     answer_tokens: int = 6  # " " and five digits
     timed_steps: int = 8  # single-token steps timed after teacher forcing
     seed: int = 0
+    only: list[str] | None = None  # a subset of the settings (with "full" and what "@" baselines match)
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 128 for n in self.lengths):
@@ -63,9 +64,16 @@ class BenchConfig:
             raise ValueError(f"timed_steps must be >= 1, got {self.timed_steps}")
         if any(not 0 <= d <= 1 for d in self.depths) or self.keys < 0:
             raise ValueError(f"depths must lie in [0, 1] and keys >= 0, got {self.depths}, {self.keys}")
+        known = [s.name for s in settings()]
+        unknown = sorted(set(self.only or []) - set(known))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; known: {known}")
 
-
-QUICK = BenchConfig(lengths=[512], continuation=32, depths=[0.3, 0.7], keys=1)
+    def wanted(self) -> set[str] | None:
+        """The settings to run (None: all): `only`, the full cache and the settings `@` baselines match."""
+        if self.only is None:
+            return None
+        return {"full", *self.only, *(name.split("@")[1] for name in self.only if "@" in name)}
 
 
 @dataclass
@@ -96,15 +104,22 @@ def _chelsea(keep: float, aware: bool) -> Callable[[dict[str, float]], Compresso
     return lambda r: Chelsea(keep=keep, size_aware=aware)
 
 
+QUICK = BenchConfig(lengths=[512], continuation=32, depths=[0.3, 0.7], keys=1)
+
+
 def dense_copy(cache: KVCache) -> KVCache:
     """The full cache, shareable: decoding appends new tensors and never writes into these."""
     return KVCache([LayerKV(lay.k, lay.v) for lay in cache.layers], cache.positions.clone())
 
 
-def compressed_caches(engine: Engine, cache: KVCache, seen) -> dict[str, tuple[Setting, KVCache, int]]:
-    """Every setting's cache of one prompt and its bytes, in order."""
+def compressed_caches(
+    engine: Engine, cache: KVCache, seen, wanted: set[str] | None = None
+) -> dict[str, tuple[Setting, KVCache, int]]:
+    """Every (wanted) setting's cache of one prompt and its bytes, in order."""
     out, ratios = {}, {}
     for s in settings():
+        if wanted is not None and s.name not in wanted:
+            continue
         compressor = s.make(ratios)
         c = dense_copy(cache) if compressor is None else compress_cache(engine, cache, compressor, seen)
         held, dense = kv_bytes(c)
@@ -116,7 +131,7 @@ def compressed_caches(engine: Engine, cache: KVCache, seen) -> dict[str, tuple[S
 def teacher_forcing(engine: Engine, ids: list[int], n: int, config: BenchConfig) -> dict[str, dict]:
     prompt, cont = ids[:n], ids[n : n + config.continuation + 1]
     out, seen = observe(engine, prompt)
-    caches = compressed_caches(engine, out.cache, seen)
+    caches = compressed_caches(engine, out.cache, seen, config.wanted())
     full = None
     rows = {}
     for name, (s, cache, held) in caches.items():
@@ -136,7 +151,7 @@ def passkey(engine: Engine, config: BenchConfig, filler: list[str], n: int) -> d
     for i, trial in enumerate(trials):
         prompt = trial.context + (trial.question if config.question_in_prompt else [])
         out, seen = observe(engine, prompt)
-        for name, (_, cache, _) in compressed_caches(engine, out.cache, seen).items():
+        for name, (_, cache, _) in compressed_caches(engine, out.cache, seen, config.wanted()).items():
             text = _answer(engine, cache, out.logits[0, -1], trial.question, config)
             hits[name] = hits.get(name, 0) + found(text, trial.key)
         _log(f"  passkey {n} trial {i + 1}/{len(trials)} depth {trial.depth}: full {hits['full']}")
@@ -164,8 +179,11 @@ def run(engine: Engine, config: BenchConfig) -> dict:
         _log(f"length {n}: teacher forcing over {config.continuation} tokens")
         forced = teacher_forcing(engine, ids, n, config)
         keys = passkey(engine, config, filler, n)
-        for name, row in forced.items():
-            results.append({"length": n, "setting": name, **row, "passkey": keys.get(name)})
+        rows = [
+            {"length": n, "setting": name, **row, "passkey": keys.get(name)} for name, row in forced.items()
+        ]
+        _log("rows " + json.dumps(rows))  # a long run's finished lengths survive an interruption
+        results.extend(rows)
     return {
         "bench": "compress",
         "model": engine.loaded.model_id,
@@ -182,6 +200,10 @@ def targets(results: list[dict]) -> dict[str, dict]:
     out = {}
     for n in sorted({r["length"] for r in results}):
         row = {r["setting"]: r for r in results if r["length"] == n}
+        if not {"full", "think_0.4", "chelsea_0.25", "streaming@chelsea_0.25", "snapkv@chelsea_0.25"} <= set(
+            row
+        ):
+            continue
         think, chelsea, full = row["think_0.4"], row["chelsea_0.25"], row["full"]
         ceiling = full["passkey"]
         out[str(n)] = {
@@ -254,12 +276,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: on shared cores 2 threads ran ~4x slower)"
     )
+    parser.add_argument("--only", nargs="+", help="run only these settings (and what they need)")
     parser.add_argument("--plot", default="bench/out/compress.png", help="where to save the plot")
 
 
 def config_from(args: argparse.Namespace) -> BenchConfig:
     base = asdict(QUICK) if args.quick else asdict(BenchConfig())
-    for name in ("lengths", "continuation", "depths", "keys", "text"):
+    for name in ("lengths", "continuation", "depths", "keys", "text", "only"):
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     base["question_in_prompt"] = not args.question_after

@@ -373,3 +373,13 @@ def test_bench_runs_end_to_end_on_a_short_text(engine, shared_data, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="lengths"):
         BenchConfig(lengths=[64])
+
+
+def test_bench_only_runs_the_named_settings_and_what_they_match():
+    from compress.bench import BenchConfig
+
+    config = BenchConfig(only=["think_0.4", "snapkv@chelsea_0.25"])
+    assert config.wanted() == {"full", "think_0.4", "snapkv@chelsea_0.25", "chelsea_0.25"}
+    assert BenchConfig().wanted() is None
+    with pytest.raises(ValueError, match="unknown settings \\['chelsea_9'\\]"):
+        BenchConfig(only=["chelsea_9"])
