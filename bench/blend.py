@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/blend.py --quick                  # 3 NQ items (8 passages) + 1 MuSiQue item
     .venv/bin/python bench/blend.py --out bench/out/blend.jsonl --resume   # 200 NQ + 20 MuSiQue, resumable
-    .venv/bin/python bench/blend.py --out X.jsonl --resume --methods ape_tuned   # add a method later
-    .venv/bin/python bench/blend.py --out X.jsonl --report   # summarize what X.jsonl holds, run nothing
+    .venv/bin/python bench/blend.py --out X.jsonl --resume --ape-extra ape_t08:0.8:1.0   # add a method later
+    .venv/bin/python bench/blend.py --out B.jsonl --merge A.jsonl --resume --reverse  # a 2nd process
+    .venv/bin/python bench/blend.py --out A.jsonl --merge B.jsonl --report   # summarize, run nothing
 
 Items: NQ-open oracle (a question's gold passage plus gold passages of other questions of a fixed pool as
 distractors; the pool and each item's distractors and gold position are drawn with fixed seeds, so an
@@ -284,6 +285,12 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
         s["items_ge2k"] = len(long)
         if "ttft_disk_s" in s:
             s["speedup_disk_median"] = _median(_ratios(results, name, "ttft_disk_s"))
+        # paired on the same items: the gold-F1 gap to full prefill and its standard error
+        diffs = [r["methods"][name]["gold_f1"] - r["methods"]["full_prefill"]["gold_f1"] for r in results]
+        s["gold_f1_minus_full"] = round(statistics.mean(diffs), 4)
+        s["gold_f1_minus_full_se"] = (
+            round(statistics.stdev(diffs) / len(diffs) ** 0.5, 4) if len(diffs) > 1 else None
+        )
     return summary
 
 
@@ -376,6 +383,9 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run the items from the last one back (a second process on another --out)",
     )
+    ap.add_argument(
+        "--skip", type=int, default=0, help="leave out the first n items to run (a third process)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on shared cores)")
     ap.add_argument("--quick", action="store_true", help="3 NQ items of 8 passages + 1 MuSiQue item")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "blend.jsonl"), help="per-item JSONL")
@@ -430,8 +440,9 @@ def main() -> None:
         raise SystemExit(f"{out} exists: pass --resume to continue it, or another --out")
     items = ordered_items(args)
     todo = [it for it in items if not set(args.methods) <= set(done.get(it["key"], {}).get("methods", {}))]
-    todo = todo[::-1] if args.reverse else todo
-    print(f"{len(items) - len(todo)} of {len(items)} items already done; {len(todo)} to run", file=sys.stderr)
+    print(f"{len(items) - len(todo)} of {len(items)} items already done", file=sys.stderr)
+    todo = (todo[::-1] if args.reverse else todo)[args.skip :]
+    print(f"{len(todo)} to run (reverse={args.reverse}, skip={args.skip})", file=sys.stderr)
     namespace = Namespace(loaded.model_id, KVLayout.for_spec(loaded.spec), salt="bench-blend")
     with tempfile.TemporaryDirectory(prefix="kvfuse-blend-") as tmp:
         disk_dir = Path(tmp) / "disk"
