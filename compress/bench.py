@@ -244,11 +244,11 @@ def plot(report: dict, path: Path) -> None:
     for ax_row, n in zip(axes, lengths, strict=True):
         for col, metric in enumerate(("top1", "passkey")):
             ax = ax_row[col]
-            for family, marker in markers.items():
+            for i, (family, marker) in enumerate(markers.items()):  # fixed colours: families may be missing
                 pts = [(r["kv_ratio"], r[metric]) for r in rows if r["length"] == n and r["family"] == family]
                 pts = [p for p in pts if p[1] is not None]
                 if pts:
-                    ax.scatter(*zip(*pts, strict=True), marker=marker, label=family, s=50)
+                    ax.scatter(*zip(*pts, strict=True), marker=marker, label=family, s=50, color=f"C{i}")
             ax.set_xlabel("KV bytes / full cache")
             ax.set_ylabel("top-1 agreement" if metric == "top1" else "passkey accuracy")
             ax.set_title(f"{n} tokens")
