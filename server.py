@@ -135,7 +135,9 @@ def run(settings: ServerSettings) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     app = create_app(settings)
-    protocol = bulk_protocol(lambda: app.state.settings.max_body_bytes, app.state.recv_buffers)
+    protocol = None
+    if settings.bulk_bodies:
+        protocol = bulk_protocol(lambda: app.state.settings.max_body_bytes, app.state.recv_buffers)
     uvicorn.run(
         app,
         http=protocol or "auto",

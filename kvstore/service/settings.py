@@ -59,6 +59,8 @@ class ServerSettings(BaseSettings):
     lm_port: int | None = Field(None, ge=0, le=65535)  # LMCache lm:// listener; None: off
     api_key: SecretStr | None = None
     max_body_bytes: Size = 256 << 20
+    # large bodies read straight into their buffer by our uvicorn protocol; off: uvicorn's own path
+    bulk_bodies: bool = True
     log_level: str = "info"
     host_bytes: Size = _STORE_DEFAULTS["host_bytes"]
     host_prefault: bool = _STORE_DEFAULTS["host_prefault"]  # touch the host pool at start

@@ -123,3 +123,15 @@ def test_pipelined_puts_on_one_connection(server):
             replies += chunk
     for e in entries:
         assert torch.equal(server.client().get(e.key).kv, e.kv)
+
+
+def test_uvicorns_own_body_path_when_bulk_bodies_are_off(fresh_server):
+    """KVFUSE_BULK_BODIES=false is the escape hatch from our uvicorn protocol: bodies still round-trip,
+    in slow pieces too, and the size limit still refuses before reading."""
+    server = fresh_server({"KVFUSE_BULK_BODIES": "false", "KVFUSE_MAX_BODY_BYTES": "2MiB"})
+    entry = Entry.plain("bodies-plain-path", LAYOUT, kv(48, seed=30))  # 1.1 MiB: a bulk-sized body
+    assert _raw_put(server, entry.key, encode_bytes(entry), pieces=5).startswith(b"HTTP/1.1 201")
+    assert torch.equal(server.client().get(entry.key).kv, entry.kv)
+    big = Entry.plain("bodies-plain-big", LAYOUT, kv(96, seed=31))  # 2.1 MiB: over the limit
+    assert _raw_put(server, big.key, encode_bytes(big), pieces=1).startswith(b"HTTP/1.1 413")
+    assert server.client().get(big.key) is None
