@@ -185,6 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 chunks, 100 lookups")
     parser.add_argument("--chunks", type=int, default=None)
+    parser.add_argument(
+        "--plain-bodies", action="store_true", help="KVFUSE_BULK_BODIES=false: uvicorn's own body path"
+    )
     args = parser.parse_args()
     chunks = args.chunks or (8 if args.quick else 32)
     lookups = 100 if args.quick else 500
@@ -193,10 +196,12 @@ def main() -> None:
     data = [torch.randn(LAYOUT.chunk_shape(256), generator=g).half() for _ in range(chunks)]
     nbytes = sum(t.numel() * 2 for t in data)
     result = {"bench": "server", "chunks": chunks, "chunk_mib": round(data[0].numel() * 2 / 2**20, 3)}
+    result["bulk_bodies"] = not args.plain_bodies
     result["copy_gibs"] = nbytes / _best(lambda: [t.clone() for t in data]) / GIB
     host = f"{(2 * 3 * nbytes + (256 << 20)) >> 20}MiB"  # every round of both protocols stays in RAM
     with tempfile.TemporaryDirectory() as home:
         env = {"KVFUSE_HOST_BYTES": host, "KVFUSE_DISK_BYTES": "0", "KVFUSE_HOST_PREFAULT": "1"}
+        env["KVFUSE_BULK_BODIES"] = "false" if args.plain_bodies else "true"
         server = launch(Path(home), env)
         try:
             result.update(bench_transfers(KVClient(server.url), server.lm_port, data))
