@@ -126,6 +126,9 @@ def bulk_protocol(limit: Callable[[], int], buffers: RecycledBuffers) -> type | 
                 if bulk is not None:  # its headers were in this read, and some of it: the rest goes raw
                     bulk.raw = True
                 return
+            # as uvicorn's data_received does: a client still sending after an early reply (401, 404)
+            # must not be cut off by the keep-alive timer that reply armed
+            self._unset_keepalive_if_required()
             bulk.got += nbytes
             if bulk.got == len(bulk.view):
                 self._end_raw_body()

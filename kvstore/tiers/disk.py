@@ -138,7 +138,8 @@ class DiskTier(Tier):
         try:
             st = os.fstat(fd)
             # ask for the whole file at once, so the device works while earlier pieces are hashed
-            os.posix_fadvise(fd, 0, st.st_size, os.POSIX_FADV_WILLNEED)
+            if hasattr(os, "posix_fadvise"):  # not on macOS
+                os.posix_fadvise(fd, 0, st.st_size, os.POSIX_FADV_WILLNEED)
             buf = self._buffer(st.st_size)
             view = memoryview(buf.numpy())
             h = xxhash.xxh3_64()
