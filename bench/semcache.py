@@ -43,7 +43,7 @@ from semcache.classify import CentroidClassifier, load_examples  # noqa: E402
 from semcache.config import SemcacheConfig, default_examples  # noqa: E402
 from semcache.embed import Embedder  # noqa: E402
 from semcache.fit import columns, cosines, embed_cached, load_pairs, split_pairs  # noqa: E402
-from semcache.verify import Verifier  # noqa: E402
+from semcache.verify import Verifier, weights_metadata  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 TARGETS = np.round(np.arange(0.70, 0.97, 0.01), 2)
@@ -109,6 +109,14 @@ def quality(train: list[dict], test: list[dict], vec_of: dict, embedder: Embedde
         curves["per_category_thresholds"].append((float(target), *pr(same_te & (cos_te >= per), yte)))
     for cut in np.round(np.arange(0.05, 1.0, 0.05), 2):
         curves["verifier"].append((float(cut), *pr((cos_te >= VERIFIER_FLOOR) & (p_te >= cut), yte)))
+    # The curves' best point picks its cut on the held-out pairs themselves; the operating cut was
+    # chosen on the training side's validation part (semcache/fit.py) and is the honest number.
+    validation = json.loads(weights_metadata().get("validation", "null") or "null")
+    operating = None
+    if validation and "operating_cut" in validation:
+        cut = float(validation["operating_cut"])
+        p, r = pr((cos_te >= VERIFIER_FLOOR) & (p_te >= cut), yte)
+        operating = {"cut": cut, "precision": p, "recall": r, "validation": validation}
     default_th = np.array([cats.get(c).threshold for c in ca_te])
     cacheable = np.array([cats.get(c).cacheable for c in ca_te])
     # the cache's thresholds are all >= the floor, so every pair they pass has a P(same)
@@ -121,6 +129,7 @@ def quality(train: list[dict], test: list[dict], vec_of: dict, embedder: Embedde
         "same_category_share": float(same_te.mean()),
         "curves": curves,
         "best_precision_at_recall_0.40": {k: _best(v, 0.40) for k, v in curves.items()},
+        "verifier_at_validation_cut": operating,
         "cache_default": dict(zip(("precision", "recall"), pr(default_hit, yte), strict=True)),
         "cache_default_without_verifier": dict(
             zip(("precision", "recall"), pr(default_no_verify, yte), strict=True)

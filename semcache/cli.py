@@ -58,7 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="where to write the weights (default: the package's verifier.safetensors)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
     p.add_argument(
-        "--epochs", type=int, default=1, help="cross-encoder epochs (about 20 min each on 1 thread)"
+        "--epochs",
+        type=int,
+        default=1,
+        help="cross-encoder epochs; the best on validation is kept (about 20 min each on 1 thread)",
+    )
+    p.add_argument(
+        "--both-orders",
+        action="store_true",
+        help="also train each pair with its questions swapped (twice the pairs per epoch)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        help="folder for every epoch's weights (default: $KVFUSE_HOME/semcache-verifier-checkpoints)",
     )
     p.add_argument(
         "--target-precision",
@@ -75,7 +87,17 @@ def run(args: argparse.Namespace) -> int:
     if args.semcache_command == "fit-verifier":
         from semcache.fit import fit_verifier_cli
 
-        _print(fit_verifier_cli(args.pairs, args.out, args.limit, args.target_precision, args.epochs))
+        _print(
+            fit_verifier_cli(
+                args.pairs,
+                args.out,
+                args.limit,
+                args.target_precision,
+                args.epochs,
+                args.checkpoints,
+                args.both_orders,
+            )
+        )
         return 0
     if getattr(args, "question", None) is not None:
         from semcache.limits import Limits

@@ -173,10 +173,23 @@ class Verifier:
         seed: int = 0,
     ) -> Verifier:
         """Train the stacking network with torch (AdamW, dropout 0.2, batches of 128); seconds."""
-        import torch
-
         cos = np.einsum("ij,ij->i", U, V)
         X = stack_features(queries, cached, cos, encoder.logits(cached, queries))
+        return cls.fit_stacker_on(encoder, X, y, hidden=hidden, epochs=epochs, seed=seed)
+
+    @classmethod
+    def fit_stacker_on(
+        cls,
+        encoder: PairEncoder,
+        X: np.ndarray,
+        y: np.ndarray,
+        hidden: int = 16,
+        epochs: int = 60,
+        seed: int = 0,
+    ) -> Verifier:
+        """The stacker from ready features (`stack_features`): validation refits it per fold."""
+        import torch
+
         y = np.asarray(y, np.float32)
         mean, std = X.mean(axis=0), X.std(axis=0) + 1e-6
         gen = torch.Generator().manual_seed(seed)
@@ -206,7 +219,8 @@ class Verifier:
             float(lin2.bias.item()),
         )
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> None:
+        """Write the weights; `extra` metadata (e.g. the fit's validation record) is stored beside them."""
         from safetensors.numpy import save_file
 
         stack = {"mean": self.mean, "std": self.std, "w1": self.w1, "b1": self.b1, "w2": self.w2}
@@ -217,6 +231,7 @@ class Verifier:
             "cut": repr(self.cut),
             "features": json.dumps(list(FEATURES)),
             "frozen_layers": str(self.encoder.frozen_layers),
+            **(extra or {}),
         }
         save_file(tensors, str(path), metadata=meta)
 
@@ -244,6 +259,14 @@ class Verifier:
             )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"verifier weights {path} are unreadable: {exc}") from exc
+
+
+def weights_metadata(path: str | Path = DEFAULT_WEIGHTS) -> dict[str, str]:
+    """The metadata stored with the weights (cut, features, and the fit's validation record if any)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
 
 
 @lru_cache(maxsize=4)

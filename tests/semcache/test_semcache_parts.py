@@ -267,3 +267,20 @@ def test_shipped_verifier_separates_held_out_pairs(embedder, shared_data):
         p.append(verifier.p_same(query, cached, u, v))
     assert min(cos) >= 0.85  # both pass the default category's cosine threshold (0.85)
     assert p[0] >= verifier.cut > p[1], p
+
+
+def test_precision_at_recall_and_operating_cut_count_every_positive():
+    from semcache.fit import cut_for_recall, precision_at_recall
+
+    # 4 positives in the whole set, but one lies below the cosine floor and never gets a P(same):
+    # recall must count it, as on the held-out side.
+    prob = np.array([0.9, 0.8, 0.8, 0.6, 0.4, 0.2])
+    y = np.array([1, 1, 0, 1, 0, 0])
+    best = precision_at_recall(prob, y, positives=4, min_recall=0.5)
+    # cut 0.8 takes the 0.8 tie whole (2 of 3 right, recall 0.5); 0.6 gives 3/4 at recall 0.75
+    assert best == {"precision": 0.75, "recall": 0.75, "cut": 0.6}
+    assert precision_at_recall(prob, y, positives=4, min_recall=0.8) is None
+    assert cut_for_recall(prob, y, positives=4, recall_target=0.5) == 0.8
+    assert cut_for_recall(prob, y, positives=4, recall_target=0.25) == 0.9
+    with pytest.raises(ValueError, match="no cut"):
+        cut_for_recall(prob, y, positives=4, recall_target=0.9)
