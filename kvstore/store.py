@@ -119,6 +119,12 @@ class TieredStore:
                 found[i] = hit
         return next((i for i, hit in enumerate(found) if not hit), len(keys))
 
+    @property
+    def lookup_is_local(self) -> bool:
+        """Whether lookup() answers from memory (no networked tier): it never blocks on I/O or locks
+        held during copies, so a server may call it on its event loop."""
+        return not any(t.networked for t in self.tiers)
+
     def _mark_pending(self, keys: list[str], found: list[bool]) -> None:
         with self._pending_lock:
             if self._pending:

@@ -228,26 +228,42 @@ class _Bulk:
 
 
 def _cork_responses(cycle: Any) -> None:
-    """Send each response in full packets: the socket is corked from the response's start to its last
-    body part. Uncorked, the head and every small part (a frame's prefix and header) leave as packets
-    of their own, each waking the client, which on a busy machine costs more than the bytes."""
+    """Send each large response in full packets: the socket is corked from the response's start to its
+    last body part. Uncorked, the head and every small part (a frame's prefix and header) leave as
+    packets of their own, each waking the client, which on a busy machine costs more than the bytes.
+    Small responses (a lookup's answer) are not corked: the uncorking setsockopt pushes the data
+    through the loopback stack itself, ~0.25 ms of server CPU measured per request, more than the two
+    small packets it saves."""
     sock = cycle.transport.get_extra_info("socket")
     if _TCP_CORK is None or sock is None:
         return
     plain_send = cycle.send
+    corked = False
 
     async def send(message: Message) -> None:
+        nonlocal corked
         if message["type"] == "http.response.start":
-            _cork(sock, 1)
+            corked = _declared_length(message.get("headers", [])) >= _BULK_MIN
+            if corked:
+                _cork(sock, 1)
         done = True
         try:
             await plain_send(message)
             done = message["type"] == "http.response.body" and not message.get("more_body", False)
         finally:
-            if done:  # the last part, or a failed send: let everything go
+            if done and corked:  # the last part, or a failed send: let everything go
+                corked = False
                 _cork(sock, 0)
 
     cycle.send = send  # the app's task has not started yet: it will call this one
+
+
+def _declared_length(headers: Any) -> int:
+    """A response's Content-Length, or 0 when it has none (streamed: too rare here to cork)."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def _cork(sock: Any, on: int) -> None:

@@ -44,6 +44,9 @@ class Tier(ABC):
     # Pooled tiers (host) can have the bytes but not one free block of the size wanted (fragmentation,
     # or evicted blocks readers still hold): put raises TierFull and the store evicts more or waits.
     pooled: bool = False
+    # Whether calls may wait on a network (Redis): the local tiers answer contains() from memory, so a
+    # lookup over them alone can run on a server's event loop without a thread hop.
+    networked: bool = False
 
     @abstractmethod
     def contains(self, key: str) -> bool:

@@ -164,4 +164,7 @@ def _copy_into(block: torch.Tensor, entry: Entry) -> Entry:
     tensors = dict(zip(entry.tensors, out, strict=False))
     positions = None if entry.positions is None else out[-1]
     # validated when `entry` was built; these are the same shapes and dtypes
-    return Entry.trusted(entry.key, entry.layout, tensors, positions, dict(entry.meta))
+    copy = Entry.trusted(entry.key, entry.layout, tensors, positions, dict(entry.meta), frozen=True)
+    if entry.frozen:  # the same bytes: its checksum (verified when a server decoded it) still holds
+        copy._checksum = entry._checksum
+    return copy

@@ -64,6 +64,7 @@ class RedisTier(Tier):
 
     name = "redis"
     slow = True
+    networked = True
 
     def __init__(
         self,

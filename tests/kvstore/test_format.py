@@ -6,7 +6,7 @@ import pytest
 import torch
 from kvstore_helpers import SMOL
 
-from kvstore import CorruptEntry, Entry, KVLayout, decode, encode_bytes
+from kvstore import CorruptEntry, Entry, KVLayout, StoreConfig, TieredStore, decode, encode_bytes
 from kvstore.format import PREFIX_BYTES
 
 
@@ -34,6 +34,30 @@ def test_read_only_bytes_are_copied_so_the_result_is_writable():
     back = decode(encode_bytes(entry))
     back.kv.add_(1)  # would be undefined behaviour on a view of immutable bytes
     assert float(back.kv.max()) == 2.0
+
+
+def test_a_written_entry_is_hashed_anew_and_a_frozen_one_once():
+    kv = torch.ones(SMOL.chunk_shape(3), dtype=torch.float16)
+    entry = Entry.plain("k", SMOL, kv)
+    encode_bytes(entry)
+    kv.add_(1)  # a caller's own entry may change between encodes: never a stale checksum
+    assert float(decode(bytearray(encode_bytes(entry))).kv.max()) == 2.0
+    frozen = Entry.trusted("k", SMOL, {"kv": kv.clone()}, None, {}, frozen=True)
+    first = encode_bytes(frozen)
+    assert frozen._checksum is not None and encode_bytes(frozen) == first
+    frozen.meta["note"] = "x"  # a changed header is hashed again, so the bytes stay valid
+    assert decode(bytearray(encode_bytes(frozen))).meta == {"note": "x"}
+
+
+def test_a_frozen_decode_hands_its_verified_checksum_to_the_host_copy():
+    raw = encode_bytes(Entry.plain("k", SMOL, torch.randn(SMOL.chunk_shape(5)).half(), source="t"))
+    with TieredStore(StoreConfig(host_bytes=1 << 20, disk_path=None)) as store:
+        store.put(decode(bytearray(raw), frozen=True))
+        stored = store.get("k", copy=False)
+        assert stored.frozen and stored._checksum is not None  # carried over: no second hash
+        assert encode_bytes(stored) == raw
+        store.put(decode(bytearray(raw)))  # not frozen: the store's copy hashes on its first encode
+        assert store.get("k", copy=False)._checksum is None
 
 
 def test_compressed_entries_carry_extra_named_tensors_and_params():
