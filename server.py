@@ -37,6 +37,7 @@ from engine import __version__
 from kvstore.lmserver import LmServer
 from kvstore.service import admin_api, kv_api
 from kvstore.service.body import BodyLimit, bulk_protocol
+from kvstore.service.deps import key_accepted
 from kvstore.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvstore.service.metrics import Metrics, Timing
 from kvstore.service.settings import ServerSettings
@@ -137,7 +138,11 @@ def run(settings: ServerSettings) -> None:
     app = create_app(settings)
     protocol = None
     if settings.bulk_bodies:
-        protocol = bulk_protocol(lambda: app.state.settings.max_body_bytes, app.state.recv_buffers)
+        protocol = bulk_protocol(
+            lambda: app.state.settings.max_body_bytes,
+            app.state.recv_buffers,
+            lambda headers: key_accepted(headers, app.state.api_key),
+        )
     uvicorn.run(
         app,
         http=protocol or "auto",

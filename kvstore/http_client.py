@@ -33,6 +33,7 @@ from kvstore.wire import (
 )
 
 _RETRYABLE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+_CORK_MIN = 64 << 10  # bodies from this size are sent corked, smaller ones joined to their head
 
 
 class ServerError(RuntimeError):
@@ -120,17 +121,26 @@ class KVClient:
         content_type: str | None,
         out: memoryview | None,
     ) -> Reply:
-        _cork(conn.sock, 1)  # head and small parts in full packets, not one packet (and wake-up) each
+        size = sum(len(b) for b in buffers)
+        # A large body goes out corked (head and small parts in full packets, not one packet and wake-up
+        # each); a small one is joined to its head and sent at once: uncorking pushes the data through
+        # the loopback stack inside the setsockopt, which costs more than the copy of a small body.
+        corked = size >= _CORK_MIN
+        if corked:
+            _cork(conn.sock, 1)
         conn.putrequest(method, self._base + path, skip_accept_encoding=True)
         if buffers or method in ("POST", "PUT", "PATCH"):
-            conn.putheader("Content-Length", str(sum(len(b) for b in buffers)))
+            conn.putheader("Content-Length", str(size))
             conn.putheader("Content-Type", content_type or CONTENT_TYPE)
         if self.api_key:
             conn.putheader("X-API-Key", self.api_key)
-        conn.endheaders()
-        for buf in buffers:
-            conn.send(buf)
-        _cork(conn.sock, 0)
+        if corked:
+            conn.endheaders()
+            for buf in buffers:
+                conn.send(buf)
+            _cork(conn.sock, 0)
+        else:
+            conn.endheaders(b"".join(buffers) if buffers else None)
         resp = conn.getresponse()
         return Reply(resp.status, resp.getheader("content-type", ""), _read(resp, out))
 

@@ -85,6 +85,7 @@ class RecycledBuffers:
             self._collect()
             item = self._fit(n)
             if item is None:
+                self._free_idle(n + 2 * _HUGE)
                 if self._bytes + n + 2 * _HUGE > self.max_bytes:
                     return empty_buffer(n)
                 item = _allocate(n)
@@ -99,6 +100,18 @@ class RecycledBuffers:
         for item in lent:
             # 2 references when free: the tuple's and getrefcount's own argument
             (self._idle if sys.getrefcount(item[0]) <= 2 else self._lent).append(item)
+
+    def _free_idle(self, need: int) -> None:
+        """Drop idle buffers, oldest first, until `need` more bytes fit the budget (under the lock):
+        buffers of a size no request asks for any more give way to the sizes asked now."""
+        while self._idle and self._bytes + need > self.max_bytes:
+            raw, _ = self._idle.pop(0)
+            self._bytes -= raw.nbytes
+
+    @property
+    def tracked_bytes(self) -> int:
+        """Bytes of the buffers tracked (lent or idle); at most max_bytes."""
+        return self._bytes
 
     def _fit(self, n: int) -> tuple[np.ndarray, int] | None:
         """The smallest idle buffer holding `n` bytes at most twice over (under the lock)."""

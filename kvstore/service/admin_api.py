@@ -59,8 +59,16 @@ async def stats(request: Request, store: Store) -> dict[str, Any]:
         "version": __version__,
         "uptime_s": round(time.monotonic() - request.app.state.started, 3),
         "lm_port": None if lm is None else lm.port,
+        "receive_buffers": _receive_buffers(request),
     }
     return out
+
+
+def _receive_buffers(request: Request) -> dict[str, int]:
+    """The recycled receive buffers of request bodies and lm:// values (kvstore.wire.RecycledBuffers)."""
+    buffers = request.app.state.recv_buffers
+    lent, idle = buffers.stats()
+    return {"lent": lent, "idle": idle, "bytes": buffers.tracked_bytes}
 
 
 def _disk_writable(store: TieredStore) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -94,9 +94,17 @@ async def _too_large(send: Send, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def bulk_protocol(limit: Callable[[], int], buffers: RecycledBuffers) -> type | None:
+def bulk_protocol(
+    limit: Callable[[], int],
+    buffers: RecycledBuffers,
+    authorized: Callable[[Mapping[str, str]], bool] = lambda headers: True,
+) -> type | None:
     """uvicorn's httptools protocol receiving bodies of 64 KiB to `limit()` bytes in one piece, into
-    buffers taken from `buffers` (None when httptools is not installed: uvicorn's default serves)."""
+    buffers taken from `buffers` (None when httptools is not installed: uvicorn's default serves).
+
+    `authorized(headers)` (lower-case names): whether a request may have a buffer of its body's size
+    at all. One without the API key gets uvicorn's own path, which drops the body after the app's 401,
+    so a client without the key cannot make the server hold up to `limit()` bytes per connection."""
     try:
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -147,6 +155,10 @@ def bulk_protocol(limit: Callable[[], int], buffers: RecycledBuffers) -> type | 
                 self._bulk = None
                 return
             size = _bulk_size(self.headers, limit())
+            if size is not None and not authorized(
+                {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
+            ):
+                size = None
             self._bulk = None if size is None else _Bulk(self.cycle, buffers.take(size))
             _cork_responses(self.cycle)
 

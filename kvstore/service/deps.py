@@ -10,6 +10,7 @@ Routers of other packages reuse these as FastAPI dependencies:
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -32,21 +33,24 @@ async def get_store(request: Request) -> TieredStore:
     return request.app.state.store
 
 
-def given_key(request: Request) -> str:
-    """The key a request carries: `X-API-Key: K` or `Authorization: Bearer K`."""
-    key = request.headers.get(API_KEY_HEADER, "")
-    auth = request.headers.get("authorization", "")
+def given_key(headers: Mapping[str, str]) -> str:
+    """The key a request's headers (lower-case names) carry: `X-API-Key: K` or `Authorization: Bearer K`."""
+    key = headers.get(API_KEY_HEADER, "")
+    auth = headers.get("authorization", "")
     if not key and auth[:7].lower() == "bearer ":
         key = auth[7:].strip()
     return key
 
 
+def key_accepted(headers: Mapping[str, str], expected: str | None) -> bool:
+    """Whether the headers carry the `expected` key (None: no key configured, everyone passes)."""
+    return expected is None or hmac.compare_digest(given_key(headers).encode(), expected.encode())
+
+
 async def require_api_key(request: Request) -> None:
     """401 unless the request carries the configured API key (no key configured: everyone passes)."""
     expected = request.app.state.settings.api_key
-    if expected is None:
-        return
-    if not hmac.compare_digest(given_key(request).encode(), expected.get_secret_value().encode()):
+    if not key_accepted(request.headers, None if expected is None else expected.get_secret_value()):
         raise HTTPException(
             401,
             "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",

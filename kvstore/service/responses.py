@@ -19,6 +19,7 @@ from kvstore.wire import CONTENT_TYPE, Buffers, encode_frame
 # Hex prefix/segment keys, lm:// internal keys and hand-made keys; never a path ("/", leading ".").
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=-]{0,199}$")
 MAX_KEYS = 4096
+_JOIN_BELOW = 64 << 10  # response bodies smaller than this are copied into one buffer
 T = TypeVar("T")
 
 
@@ -28,7 +29,10 @@ class BuffersResponse(Response):
     def __init__(self, buffers: Buffers, media_type: str = CONTENT_TYPE, status_code: int = 200) -> None:
         super().__init__(content=b"", status_code=status_code, media_type=media_type)
         self.buffers = [b for b in buffers if len(b)]
-        self.headers["content-length"] = str(sum(len(b) for b in self.buffers))
+        size = sum(len(b) for b in self.buffers)
+        if size < _JOIN_BELOW:  # one socket write instead of one per part (a frame's prefix, header)
+            self.buffers = [b"".join(self.buffers)] if self.buffers else []
+        self.headers["content-length"] = str(size)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

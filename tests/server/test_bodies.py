@@ -8,7 +8,7 @@ import time
 from urllib.parse import urlsplit
 
 import torch
-from server_helpers import LAYOUT, kv
+from server_helpers import API_KEY, LAYOUT, kv
 
 from kvstore import Entry
 from kvstore.format import encode_bytes
@@ -34,6 +34,16 @@ def test_recycled_buffers_come_back_only_when_nothing_refers_to_them():
     del second, third
     assert pool.stats() == (0, 2)
     assert len(pool.take(1000)) == 1000 and pool.stats() == (0, 2)  # small: a plain allocation
+
+
+def test_idle_buffers_give_way_to_the_sizes_asked_now():
+    pool = RecycledBuffers(max_bytes=18 << 20, min_bytes=1 << 20)
+    small = [pool.take(3 << 20) for _ in range(2)]  # 6 MiB tracked; 12 MiB takes 16 with alignment
+    del small  # idle now: 2 buffers of a size nobody asks for below
+    assert pool.stats() == (0, 2)
+    big = pool.take(12 << 20)  # does not fit the budget beside them: they are dropped, it is tracked
+    assert pool.stats() == (1, 0) and pool.tracked_bytes <= pool.max_bytes
+    del big
 
 
 def test_recycled_buffers_stay_within_their_budget():
@@ -65,10 +75,13 @@ def test_get_into_a_callers_buffer(server):
     assert client.get("bodies-missing", out=out) is None
 
 
-def _raw_put(server, key: str, body: bytes, pieces: int, expect_continue: bool = False) -> bytes:
+def _raw_put(
+    server, key: str, body: bytes, pieces: int, expect_continue: bool = False, api_key: str | None = None
+) -> bytes:
     parts = urlsplit(server.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
         head = f"PUT /v1/kv/entries/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        head += f"X-API-Key: {api_key}\r\n" if api_key else ""
         sock.sendall((head + ("Expect: 100-continue\r\n" if expect_continue else "") + "\r\n").encode())
         if expect_continue:
             assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
@@ -135,3 +148,17 @@ def test_uvicorns_own_body_path_when_bulk_bodies_are_off(fresh_server):
     big = Entry.plain("bodies-plain-big", LAYOUT, kv(96, seed=31))  # 2.1 MiB: over the limit
     assert _raw_put(server, big.key, encode_bytes(big), pieces=1).startswith(b"HTTP/1.1 413")
     assert server.client().get(big.key) is None
+
+
+def test_a_body_without_the_api_key_gets_no_receive_buffer(fresh_server):
+    """The bulk path takes a buffer of the body's size when the headers arrive: only for a request
+    that carries the key, so a client without it cannot make the server hold max_body_bytes."""
+    server = fresh_server({"KVFUSE_API_KEY": API_KEY, "KVFUSE_MAX_BODY_BYTES": "16MiB"})
+    entry = Entry.plain("bodies-auth", LAYOUT, kv(96, seed=32))  # 2.1 MiB: a tracked buffer size
+    body = encode_bytes(entry)
+    assert _raw_put(server, entry.key, body, pieces=2).startswith(b"HTTP/1.1 401")
+    stats = server.client().stats()["server"]["receive_buffers"]  # stats need no key
+    assert stats == {"lent": 0, "idle": 0, "bytes": 0}
+    assert _raw_put(server, entry.key, body, pieces=2, api_key=API_KEY).startswith(b"HTTP/1.1 201")
+    assert server.client().stats()["server"]["receive_buffers"]["bytes"] >= len(body)
+    assert torch.equal(server.client(API_KEY).get(entry.key).kv, entry.kv)
