@@ -71,14 +71,20 @@ def source_tier(store: TieredStore, keys: list[str]) -> Tier | None:
     return None if slowest is None else store.tiers[slowest]
 
 
-def tier_bandwidth(tier: Tier, keys: list[str]) -> float:
-    """Bytes per second of reading `keys` straight from one tier (no promotion, nothing else touched)."""
+def tier_bandwidth(tier: Tier, keys: list[str]) -> float | None:
+    """Bytes per second of loading `keys` from one tier (no promotion, nothing else touched): the read
+    plus one copy of the tensors, as fusing copies them into the cache (a host-tier read alone is a
+    reference, and would make loading look free). None when none of them is there any more."""
     total, t0 = 0, time.perf_counter()
     for key in keys:
         entry = tier.get(key)
-        if entry is None:
-            raise ValueError(f"key {key!r} is not in tier {tier.name!r}")
+        if entry is None:  # evicted since it was listed: the others still measure the tier
+            continue
+        for t in entry.tensors.values():
+            t.clone()
         total += entry.nbytes
+    if total == 0:
+        return None
     return total / max(time.perf_counter() - t0, 1e-9)
 
 
@@ -105,7 +111,10 @@ class AutoRatio:
             self.prefill_s = measure_prefill(self.engine)
         if tier.name not in self.bandwidth:
             held = [k for k in keys if tier.contains(k)][: self.sample]
-            self.bandwidth[tier.name] = tier_bandwidth(tier, held)
+            measured = tier_bandwidth(tier, held)
+            if measured is None:  # all evicted meanwhile: they will be computed, not loaded
+                return None
+            self.bandwidth[tier.name] = measured
         spec = self.engine.spec
         per_layer = spec.kv_bytes_per_token // spec.num_layers
         return CostModel(self.prefill_s, self.bandwidth[tier.name], per_layer), tier.name

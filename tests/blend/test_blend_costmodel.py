@@ -47,6 +47,9 @@ def test_source_tier_is_the_slowest_tier_a_query_reads_from(tmp_path):
         assert source_tier(store, ["f" * 32]) is None
         assert tier_bandwidth(store.tiers[1], [b.key]) > 0
         assert not store.tiers[0].contains(b.key)  # measuring a tier promotes nothing
+        # a key evicted between listing and measuring is skipped; none left is no measurement
+        assert tier_bandwidth(store.tiers[1], ["f" * 32, b.key]) > 0
+        assert tier_bandwidth(store.tiers[1], ["f" * 32]) is None
 
 
 def test_auto_ratio_follows_the_measured_tier(engine, tmp_path):
