@@ -106,3 +106,34 @@ def test_bfloat16_and_float32_survive_the_disk(tmp_path):
         key = f"{str(dtype)[6:]:0>32}"
         disk.put(Entry.plain(key, layout, kv))
         assert torch.equal(DiskTier(tmp_path, 1 << 22).get(key).kv.view(torch.uint8), kv.view(torch.uint8))
+
+
+def _drop_from_page_cache(path, keep: int = 0) -> None:
+    """Evict a file from the page cache, then read its first `keep` bytes back in (buffered)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if keep:
+            os.pread(fd, keep, 0)
+    finally:
+        os.close(fd)
+
+
+def test_reads_are_exact_from_the_page_cache_the_device_or_both(tmp_path):
+    """A read copies what the page cache holds and takes the rest with O_DIRECT (block-aligned, into
+    the read pool): cold, half-cached and hot files all give the stored bytes; with O_DIRECT switched
+    off (a file system that refuses it) the rest is read buffered."""
+    disk = DiskTier(tmp_path, 64 << 20)
+    kv = torch.randn(SMOL.chunk_shape(300)).half()  # ~2.1 MiB: many blocks, an unaligned file size
+    entry = Entry.plain(_key(1), SMOL, kv, torch.arange(300))
+    disk.put(entry)
+    path = disk.path(entry.key)
+    assert os.path.getsize(path) % 4096  # the last block is partial
+    for direct in (True, False):
+        disk._direct = direct
+        for keep in (0, 4096 * 100 + 123, os.path.getsize(path)):
+            _drop_from_page_cache(path, keep)
+            got = disk.get(entry.key)
+            assert torch.equal(got.kv, kv) and torch.equal(got.positions, entry.positions)
+    assert disk.corrupt == 0
