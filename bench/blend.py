@@ -458,8 +458,10 @@ def main() -> None:
         for n, item in enumerate(todo):
             have = done.get(item["key"], {}).get("methods", {})
             methods = [m for m in args.methods if m not in have]
-            if "full_prefill" not in have and "full_prefill" not in methods:
-                methods.insert(0, "full_prefill")  # the reference every other method is scored against
+            refs = [ref_path(Path(o), item["key"]) for o in [args.out, *args.merge]]
+            if "full_prefill" not in methods and not any(r.exists() for r in refs):
+                # the reference every other method is scored against (its logits were not kept)
+                methods.insert(0, "full_prefill")
             with_disk = items.index(item) % args.disk_every == 0
             rec = run_item(engine, tok, fusers, disk_dir, item, args, methods, with_disk)
             out.parent.mkdir(parents=True, exist_ok=True)
