@@ -64,6 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cross-encoder epochs; the best on validation is kept (about 20 min each on 1 thread)",
     )
     p.add_argument(
+        "--frozen-layers",
+        type=int,
+        default=3,
+        help="lower embedder layers used as shipped; the ones above are fine-tuned and saved (3)",
+    )
+    p.add_argument(
+        "--train-floor",
+        type=float,
+        default=0.70,
+        help="the cross-encoder learns from fit pairs with cosine >= this (0.70)",
+    )
+    p.add_argument(
         "--both-orders",
         action="store_true",
         help="also train each pair with its questions swapped (twice the pairs per epoch)",
@@ -96,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
                 args.epochs,
                 args.checkpoints,
                 args.both_orders,
+                args.frozen_layers,
+                args.train_floor,
             )
         )
         return 0

@@ -165,7 +165,7 @@ def validate(
     The stacker is refitted on 4/5 of the components and predicts the other 1/5, so no prediction
     comes from a stacker that saw the pair (or any pair sharing a question with it).
     """
-    from semcache.verify import Verifier, opposite_words, stack_features
+    from semcache.verify import Verifier, opposite_words, same_words, stack_features
 
     cos_all = cosines(calib, vec_of)
     positives = int(sum(int(p["label"]) for p in calib))
@@ -180,6 +180,7 @@ def validate(
         part = fold == f
         oof[part] = Verifier.fit_stacker_on(encoder, X[~part], y[~part]).probability(X[part])
     oof[np.array([opposite_words(a, b) for a, b in zip(q, c, strict=True)], dtype=bool)] = 0.0
+    oof[np.array([same_words(a, b) for a, b in zip(q, c, strict=True)], dtype=bool)] = 1.0  # as p_same_many
     return {
         "X": X,
         "y": y,
@@ -299,6 +300,7 @@ def fit_verifier(
     frozen_layers: int = 3,
     checkpoints: Path | None = None,
     both_orders: bool = False,
+    train_floor: float = TRAIN_FLOOR,
     log=print,
 ):
     """Cross-encoder on the fit part, the epoch and the stacker on the calibration part.
@@ -312,15 +314,19 @@ def fit_verifier(
     from semcache.cross_encoder import PairEncoder
 
     fit_side, calib = split_train(train)
-    fit_side = [p for p, c in zip(fit_side, cosines(fit_side, vec_of), strict=True) if c >= TRAIN_FLOOR]
+    if not 0.0 <= train_floor <= STACK_FLOOR:
+        raise ValueError(f"train_floor must be in [0, {STACK_FLOOR}], got {train_floor}")
+    fit_side = [p for p, c in zip(fit_side, cosines(fit_side, vec_of), strict=True) if c >= train_floor]
     encoder = PairEncoder(frozen_layers)
     q, c, _, _, y = columns(fit_side, vec_of)
-    log(f"cross-encoder: {len(fit_side)} pairs (cosine >= {TRAIN_FLOOR}), {int(y.sum())} label 1")
+    log(f"cross-encoder: {len(fit_side)} pairs (cosine >= {train_floor}), {int(y.sum())} label 1")
     if both_orders:
         c, q, y = c + q, q + c, np.concatenate([y, y])
     record: dict = {
         "fit_pairs": len(fit_side),
         "both_orders": both_orders,
+        "train_floor": train_floor,
+        "frozen_layers": frozen_layers,
         "calibration_pairs": len(calib),
         "epochs": [],
     }
@@ -356,6 +362,8 @@ def fit_verifier_cli(
     epochs: int = 1,
     checkpoints: str | None = None,
     both_orders: bool = False,
+    frozen_layers: int = 3,
+    train_floor: float = TRAIN_FLOOR,
 ) -> dict:
     import torch
 
@@ -370,7 +378,14 @@ def fit_verifier_cli(
     vec_of = embed_cached(embedder, [t for p in pairs for t in (p["text_a"], p["text_b"])])
     folder = Path(checkpoints) if checkpoints else kvfuse_home() / "semcache-verifier-checkpoints"
     verifier, record = fit_verifier(
-        train, vec_of, target_precision, epochs=epochs, checkpoints=folder, both_orders=both_orders
+        train,
+        vec_of,
+        target_precision,
+        epochs=epochs,
+        frozen_layers=frozen_layers,
+        checkpoints=folder,
+        both_orders=both_orders,
+        train_floor=train_floor,
     )
     path = Path(out) if out else DEFAULT_WEIGHTS
     verifier.save(path, {"validation": json.dumps(record)})

@@ -85,6 +85,14 @@ def opposite_words(query: str, cached: str) -> bool:
     )
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # any script's words, and every symbol on its own ("C++" is not "C")
+
+
+def same_words(query: str, cached: str) -> bool:
+    """The same words and symbols in the same order (case and spacing aside): the same question."""
+    return _TOKEN.findall(query.casefold()) == _TOKEN.findall(cached.casefold())
+
+
 def lexical_features(query: str, cached: str, cosine: float) -> np.ndarray:
     wq, wc = _words(query), _words(cached)
     sq, sc = set(wq), set(wc)
@@ -150,13 +158,17 @@ class Verifier:
 
     def p_same_many(self, queries: list[str], cached: list[str], U: np.ndarray, V: np.ndarray) -> np.ndarray:
         p = self.probability(self.features(queries, cached, U, V))
-        # a hard rule: the networks see too few opposite-word pairs to learn it
+        # hard rules: the networks see too few opposite-word pairs to learn it, and no identical pair
+        # at all (QQP has none), so the cross-encoder's logit for one is arbitrary, sometimes negative
         opposite = np.array([opposite_words(q, c) for q, c in zip(queries, cached, strict=True)])
-        return np.where(opposite, 0.0, p)
+        same = np.array([same_words(q, c) for q, c in zip(queries, cached, strict=True)])
+        return np.where(same, 1.0, np.where(opposite, 0.0, p))
 
     def p_same(self, query: str, cached: str, u: np.ndarray, v: np.ndarray) -> float:
+        if same_words(query, cached):
+            return 1.0  # skip the cross-encoder: the answer is known
         if opposite_words(query, cached):
-            return 0.0  # skip the cross-encoder: the answer is known
+            return 0.0
         return float(self.p_same_many([query], [cached], u[None], v[None])[0])
 
     @classmethod

@@ -284,3 +284,17 @@ def test_precision_at_recall_and_operating_cut_count_every_positive():
     assert cut_for_recall(prob, y, positives=4, recall_target=0.25) == 0.9
     with pytest.raises(ValueError, match="no cut"):
         cut_for_recall(prob, y, positives=4, recall_target=0.9)
+
+
+def test_verifier_never_refuses_the_identical_question(embedder):
+    from semcache.verify import same_words
+
+    # QQP has no identical pairs, so the cross-encoder's logit for one is arbitrary (it was -1.0 for
+    # this question with the epoch-1 weights): the identity rule must decide before the networks.
+    verifier = Verifier.load()
+    q = "What is my current account balance?"
+    u = embedder.embed([q])[0]
+    assert verifier.p_same(q, "what is my current  account balance ?", u, u) == 1.0
+    assert verifier.p_same_many([q], [q], u[None], u[None])[0] == 1.0
+    assert not same_words("What does ~ mean in C++?", "What does % mean in C++?")  # symbols count
+    assert not same_words("What does 无语 mean?", "What does 装逼 mean?")  # and any script's words
