@@ -274,6 +274,15 @@ def plot(q: dict, path: Path) -> None:
         ax.plot([r for r, _ in pts], [p for _, p in pts], style, ms=3, label=name.replace("_", " "))
     d = q["cache_default"]
     ax.plot([d["recall"]], [d["precision"]], "k*", ms=12, label="cache defaults")
+    op = q.get("verifier_at_validation_cut")
+    if op:
+        ax.plot(
+            [op["recall"]],
+            [op["precision"]],
+            "gD",
+            ms=7,
+            label=f"verifier, cut {op['cut']:.2f} from validation",
+        )
     ax.axhline(0.90, color="grey", lw=0.6, ls="--")
     ax.axvline(0.40, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("recall (label-1 pairs served)")
