@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from kvstore.format import PREFIX_BYTES, CorruptEntry, read_header
 from kvstore.tiers.disk import DiskTier
@@ -44,11 +45,11 @@ def _stats(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     disk = _open(args.path)
     for key in disk.keys()[: args.limit]:
-        row = {"key": key, "bytes": disk.size_of(key)}
+        row: dict[str, Any] = {"key": key, "bytes": disk.size_of(key)}
         try:
             with open(disk.path(key), "rb") as f:
                 header = read_header(f.read(PREFIX_BYTES), f.read)
-            layout = header.get("layout", {})
+            layout: dict[str, Any] = header.get("layout", {})
             row.update(
                 method=layout.get("method"),
                 dtype=layout.get("dtype"),

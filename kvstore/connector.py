@@ -86,11 +86,12 @@ class KVConnector:
     def retrieve(self, tokens: Tokens, device: torch.device | str = "cpu") -> RetrievedKV | None:
         """The KV of the longest cached prefix of `tokens` (None if nothing is cached)."""
         keys, _ = self._keys(tokens)
-        parts, positions = [], []
+        parts: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
         for key in keys[: self.kvstore.lookup(keys)]:
             entry = self.kvstore.get(key, copy=False)
-            if entry is None:  # evicted since the lookup: the prefix ends here
-                break
+            if entry is None or entry.positions is None:  # evicted since the lookup (or not a prefix
+                break  # chunk: those always carry positions): the prefix ends here
             parts.append(entry.kv)
             positions.append(entry.positions)
         if not parts:

@@ -24,6 +24,7 @@ import torch
 import xxhash
 
 from kvstore.layout import PLAIN, KVLayout, dtype_from_name, dtype_name
+from kvstore.wire import raw_bytes
 
 MAGIC = b"KVF1"
 _PREFIX = struct.Struct("<4sIQ")
@@ -131,14 +132,6 @@ class Entry:
         return Entry(self.key, self.layout, tensors, positions, dict(self.meta))
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes without a copy (any dtype, including bfloat16 and float8)."""
-    flat = t.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
 def _header(entry: Entry) -> bytes:
     return msgpack.packb(
         {
@@ -148,7 +141,7 @@ def _header(entry: Entry) -> bytes:
                 {"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
                 for n, t in entry.tensors.items()
             ],
-            "positions": None if entry.positions is None else _raw(entry.positions).tobytes(),
+            "positions": None if entry.positions is None else raw_bytes(entry.positions).tobytes(),
             "meta": entry.meta,
         }
     )
@@ -164,7 +157,7 @@ def encoded_nbytes(entry: Entry) -> int:
 def encode(entry: Entry) -> list[bytes | memoryview]:
     """The entry as a list of buffers (prefix, header, one per tensor) to write without joining."""
     header = _header(entry)
-    payload = [_raw(t) for t in entry.tensors.values()]
+    payload = [raw_bytes(t) for t in entry.tensors.values()]
     return [_PREFIX.pack(MAGIC, len(header), _checksum(entry, header, payload)), header, *payload]
 
 
@@ -207,7 +200,7 @@ def decode(
     tensors, end = _read_tensors(view, header, body_at)
     if end != len(view):
         raise CorruptEntry(f"entry {header.get('key')!r}: {len(view) - end} trailing bytes")
-    key = header.get("key")
+    key = header.get("key", "")
     if expect_key is not None and key != expect_key:
         raise CorruptEntry(f"entry holds key {key!r}, expected {expect_key!r}")
     try:

@@ -46,9 +46,10 @@ def to_dynamic_cache(kv: torch.Tensor, config: Any = None) -> DynamicCache:
 
 def from_dynamic_cache(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
     """Tokens [start, end) of a batch-1 DynamicCache as a store chunk (a new contiguous tensor)."""
-    rows = [
-        torch.stack([layer.keys[0, :, start:end], layer.values[0, :, start:end]]) for layer in cache.layers
-    ]
+    # Any: transformers types a layer as a union including linear-attention layers, which have no
+    # keys/values (this model's layers all do)
+    layers: list[Any] = list(cache.layers)
+    rows = [torch.stack([layer.keys[0, :, start:end], layer.values[0, :, start:end]]) for layer in layers]
     return torch.stack(rows).transpose(2, 3).contiguous()
 
 
@@ -84,9 +85,7 @@ def _cached_prefix(
     hit = connector.retrieve(ids, device=device) if connector.lookup(ids) else None
     reuse = 0 if hit is None else min(hit.num_tokens, len(ids) - 1)
     # Prefix KV is only valid at the positions it was computed at; anything else is blend/'s job.
-    if reuse and not torch.equal(hit.positions[:reuse].cpu(), torch.arange(reuse)):
-        reuse = 0
-    if reuse == 0:
+    if hit is None or reuse == 0 or not torch.equal(hit.positions[:reuse].cpu(), torch.arange(reuse)):
         return 0, DynamicCache(config=model.config)
     return reuse, to_dynamic_cache(hit.kv[:, :, :reuse], model.config)
 

@@ -247,7 +247,7 @@ def _read(resp: http.client.HTTPResponse, out: memoryview | None = None) -> memo
     if out is not None and resp.status < 400 and resp.length <= out.nbytes:
         view = memoryview(out).cast("B")[: resp.length]
     else:
-        view = memoryview(empty_buffer(resp.length))
+        view = empty_buffer(resp.length).data
     got = 0
     while got < len(view):
         n = resp.readinto(view[got:])

@@ -41,7 +41,7 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise TypeError(f"dtype {dtype} cannot be stored; allowed: {sorted(DTYPES_BY_NAME)}") from None
 
 
-def dtype_from_name(name: str) -> torch.dtype:
+def dtype_from_name(name: Any) -> torch.dtype:
     """The torch dtype for a stored name; ValueError for unknown names."""
     try:
         return DTYPES_BY_NAME[name]
@@ -122,7 +122,13 @@ class KVLayout:
     def with_method(self, method: str, **params: Any) -> KVLayout:
         """The same layout encoded by another method (a compressor) with its parameters."""
         return KVLayout(
-            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.chunk_tokens, method, params
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.chunk_tokens,
+            method,
+            _freeze(params),
         )
 
     def check_kv(self, kv: torch.Tensor, tokens: int | None = None) -> None:

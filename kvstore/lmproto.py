@@ -89,7 +89,7 @@ def reply_for(entry: Entry) -> tuple[bytes, memoryview]:
     """The success reply header echoing the PUT's fields, and the value's bytes (no copy)."""
     fmt, dtype, s0, s1, s2, s3, location = entry.meta["lm"]
     data = entry.tensors[DATA]
-    raw = memoryview(data.numpy()).cast("B")
+    raw = data.numpy().data.cast("B")
     return REPLY.pack(OK, len(raw), fmt, dtype, s0, s1, s2, s3, location), raw
 
 

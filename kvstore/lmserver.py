@@ -94,8 +94,11 @@ class LmServer:
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        listener = self._listener
+        if listener is None:
+            raise RuntimeError("the lm:// listener is not open")
         while True:
-            sock, _ = await loop.sock_accept(self._listener)
+            sock, _ = await loop.sock_accept(listener)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.metrics is not None:
@@ -168,7 +171,7 @@ class LmServer:
             return FAIL
         buffer = self.buffers.take(req.length)  # memory used before, if a released one fits
         payload = torch.from_numpy(buffer)
-        if not await _recv_into(sock, memoryview(buffer)):
+        if not await _recv_into(sock, buffer.data):
             raise Disconnected
         if self.metrics is not None:
             self.metrics.lm_bytes.labels("in").inc(req.length)

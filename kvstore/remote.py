@@ -93,7 +93,10 @@ class RemoteConnector:
             return None
         kv = tensors["kv"]
         self.layout.check_kv(kv, tokens=header["tokens"])
-        return RetrievedKV(kv.to(device), positions_from(header["positions"]).to(device))
+        positions = positions_from(header.get("positions"))
+        if positions is None:
+            raise ValueError("the server's retrieve reply has tokens but no positions")
+        return RetrievedKV(kv.to(device), positions.to(device))
 
     def put_segment(
         self, tokens: Tokens, kv: torch.Tensor, positions: torch.Tensor | None = None, pin: bool = False

@@ -48,6 +48,11 @@ def _print(value: Any) -> int:
     return 0
 
 
+def _pin(client: KVClient, key: str, pinned: bool) -> dict[str, Any]:
+    (client.pin if pinned else client.unpin)(key)
+    return {"key": key, "pinned": pinned}
+
+
 def _clear(client: KVClient, args: argparse.Namespace) -> Any:
     if args.tier is None and not args.all:
         raise ValueError("say which: --tier NAME, or --all for every tier")
@@ -76,11 +81,8 @@ _ADMIN: dict[str, tuple[str, Callable[[KVClient, argparse.Namespace], Any]]] = {
         lambda c, a: {"removed": c.evict(a.key, a.prefix)},
     ),
     "clear": ("empty one tier (--tier) or the whole store (--all)", _clear),
-    "pin": ("never evict an entry", lambda c, a: c.pin(a.key) or {"key": a.key, "pinned": True}),
-    "unpin": (
-        "make a pinned entry evictable again",
-        lambda c, a: c.unpin(a.key) or {"key": a.key, "pinned": False},
-    ),
+    "pin": ("never evict an entry", lambda c, a: _pin(c, a.key, True)),
+    "unpin": ("make a pinned entry evictable again", lambda c, a: _pin(c, a.key, False)),
     "config": ("show the running configuration, or --set NAME=VALUE live fields", _config),
 }
 

@@ -142,7 +142,7 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def decode_frame(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -256,7 +256,7 @@ def split_blobs(
         or sum(s for s in sizes if s > 0) != blob.numel()
     ):
         raise ValueError(f"'sizes' {sizes!r:.200} do not add up to the {blob.numel()} blob bytes")
-    view = memoryview(blob.numpy()).cast("B") if blob.numel() else memoryview(b"")
+    view = blob.numpy().data.cast("B") if blob.numel() else memoryview(b"")
     out: list[memoryview | None] = []
     at = 0
     for size in sizes:

@@ -21,6 +21,7 @@ from kvstore.format import Entry
 from kvstore.service.deps import Settings, Store, require_api_key
 from kvstore.service.responses import bad_request, check_key, check_keys, namespace_from, run
 from kvstore.store import TieredStore
+from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -72,7 +73,7 @@ def _receive_buffers(request: Request) -> dict[str, int]:
 
 
 def _disk_writable(store: TieredStore) -> dict[str, Any] | None:
-    disk = next((t for t in store.tiers if t.name == "disk"), None)
+    disk = next((t for t in store.tiers if isinstance(t, DiskTier)), None)
     if disk is None:
         return None
     try:
@@ -187,7 +188,7 @@ async def evict(body: EvictBody, store: Store) -> dict[str, Any]:
     if body.key is not None:
         bad_request(check_key, body.key)
         return {"removed": int(await run(store.remove, body.key))}
-    prefix = body.prefix
+    prefix = body.prefix or ""
 
     def work() -> int:
         stored = store.keys()

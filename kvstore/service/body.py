@@ -22,7 +22,7 @@ import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 from fastapi import HTTPException, Request
 
@@ -120,7 +120,7 @@ def bulk_protocol(
 
         def get_buffer(self, sizehint: int) -> memoryview:
             bulk = self._bulk
-            if bulk is not None and bulk.raw:
+            if bulk is not None and bulk.raw and bulk.view is not None:
                 return bulk.view[bulk.got :]
             if self._scratch is None:
                 self._scratch = memoryview(bytearray(_SCRATCH))
@@ -128,8 +128,10 @@ def bulk_protocol(
 
         def buffer_updated(self, nbytes: int) -> None:
             bulk = self._bulk
-            if bulk is None or not bulk.raw:
-                self.data_received(self._scratch[:nbytes])  # the parser copies what it keeps
+            if bulk is None or not bulk.raw or bulk.view is None:
+                assert self._scratch is not None  # get_buffer handed it out for this read
+                # the parser copies what it keeps (it takes any buffer, not only bytes)
+                self.data_received(cast(bytes, self._scratch[:nbytes]))
                 bulk = self._bulk
                 if bulk is not None:  # its headers were in this read, and some of it: the rest goes raw
                     bulk.raw = True
@@ -185,7 +187,8 @@ def bulk_protocol(
             self.http.connection_lost(exc)
 
         def eof_received(self) -> bool | None:
-            return self.http.eof_received()
+            self.http.eof_received()
+            return None  # close the transport (uvicorn's protocol never keeps a half-open one)
 
         def pause_writing(self) -> None:
             self.http.pause_writing()
@@ -215,10 +218,11 @@ class _Bulk:
 
     def add(self, data: bytes) -> None:
         end = self.got + len(data)
-        if end > len(self.view):  # the parser stops at Content-Length; never trust that blindly
+        view = self.view
+        if view is None or end > len(view):  # the parser stops at Content-Length; never trust it blindly
             self.cycle.transport.close()
             return
-        self.view[self.got : end] = data
+        view[self.got : end] = data
         self.got = end
 
     async def receive(self) -> Message:
@@ -314,11 +318,11 @@ async def read_body(request: Request) -> memoryview:
             view, got = chunk, size  # received in one piece by BulkBodyProtocol: no copy
             continue
         if view is None:
-            view = memoryview(empty_buffer(size))  # uninitialized: the body fills it
+            view = empty_buffer(size).data  # uninitialized: the body fills it
         if got + len(chunk) > size:
             raise HTTPException(400, f"request body is longer than its Content-Length of {size}")
         view[got : got + len(chunk)] = chunk
         got += len(chunk)
     if got != size:
         raise HTTPException(400, f"request body is truncated: {got} of {size} bytes")
-    return view if view is not None else memoryview(empty_buffer(0))
+    return view if view is not None else memoryview(bytearray())

@@ -192,5 +192,10 @@ async def put_entries(request: Request, store: Store) -> Response:
     entries = bad_request(_decode_all, header, tensors)
     pin = bool(header.get("pin", False))
     # copy: a stored entry must not keep the whole batch body alive
-    await run(lambda: [store.put(e, pin=pin) for e in entries])
+    await run(lambda: _put_all(store, entries, pin))
     return frame_response({"stored": len(entries)}, status_code=201)
+
+
+def _put_all(store: TieredStore, entries: list[Entry], pin: bool) -> None:
+    for entry in entries:
+        store.put(entry, pin=pin)

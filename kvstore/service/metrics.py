@@ -34,10 +34,10 @@ class StoreCollector(Collector):
         stats = self.store.stats()
         tiers = stats["tiers"]
         for name in _TIER_COUNTERS:
-            family = CounterMetricFamily(f"kvfuse_tier_{name}", f"Tier {name} since start", labels=["tier"])
+            counter = CounterMetricFamily(f"kvfuse_tier_{name}", f"Tier {name} since start", labels=["tier"])
             for tier, row in tiers.items():
-                family.add_metric([tier], row.get(name, 0))
-            yield family
+                counter.add_metric([tier], row.get(name, 0))
+            yield counter
         for name, help_text in (
             ("bytes", "Bytes held by the tier"),
             ("capacity_bytes", "Byte capacity of the tier"),

@@ -89,4 +89,4 @@ def namespace_from(raw: Any) -> Namespace:
     layout = raw.get("layout")
     if not isinstance(layout, dict):
         raise ValueError("'namespace.layout' must be a map (KVLayout.to_dict())")
-    return Namespace(raw.get("model_id"), KVLayout.from_dict(layout), raw.get("salt", ""))
+    return Namespace(raw.get("model_id", ""), KVLayout.from_dict(layout), raw.get("salt", ""))

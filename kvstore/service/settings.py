@@ -42,7 +42,7 @@ def parse_size(value: Any) -> Any:
 
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
-_STORE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StoreConfig)}
+_STORE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(StoreConfig)}
 
 
 class ServerSettings(BaseSettings):

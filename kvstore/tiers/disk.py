@@ -128,7 +128,7 @@ class DiskTier(Tier):
             self._forget(key, None)
             return None
         try:
-            entry = decode(buf.numpy(), expect_key=key, checksum=checksum)
+            entry = decode(buf.numpy().data, expect_key=key, checksum=checksum)
         except CorruptEntry:
             self.corrupt += 1
             self._forget(key, ino)
@@ -150,7 +150,7 @@ class DiskTier(Tier):
             st = os.fstat(fd)
             size = st.st_size
             buf, aligned = self._buffer(-(-size // BLOCK) * BLOCK)
-            view = memoryview(buf.numpy())
+            view = buf.numpy().data
             got = _read_cached(fd, view, size)
             if got < size and aligned and self._direct:
                 got = self._read_direct(path, view, got - got % BLOCK, size)

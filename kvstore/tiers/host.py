@@ -13,6 +13,8 @@ tensors live on an accelerator).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from kvstore.format import Entry
@@ -104,7 +106,8 @@ class HostTier(MemoryTier):
             old = self._index.pop(entry.key)
             self._index.add(entry.key, (stored, off), size)  # fits: the pool had the block
             if old is not None:
-                self.pool.free(old[0][1])
+                replaced, _ = old
+                self.pool.free(cast(tuple[Entry, int], replaced)[1])
 
     def get(self, key: str) -> Entry | None:
         """The stored entry itself: its tensors view the pool (read them, never write them); a reader
@@ -157,7 +160,7 @@ def _copy_into(block: torch.Tensor, entry: Entry) -> Entry:
     for t in parts:
         size = t.element_size()
         # set_ is ~2x cheaper than slicing and two views; offsets are in elements of t's dtype
-        view = torch.empty(0, dtype=t.dtype).set_(storage, (base + at) // size, t.shape)
+        view = torch.empty(0, dtype=t.dtype).set_(storage, (base + at) // size, t.shape)  # type: ignore[call-overload]  # 3-argument set_ exists; the stubs list 1 and 4
         view.copy_(t)
         out.append(view)
         at += round_up(t.numel() * size)

@@ -174,7 +174,12 @@ class BytePool:
         with self._lock:
             self._leases[off] = self._leases.get(off, 0) + 1
         # a plain weakref callback (weakref.finalize costs ~3x more per lease)
-        ref = weakref.ref(arr, lambda r, off=off: self._released.append((id(r), off)))
+        released = self._released
+
+        def on_release(r: weakref.ref, off: int = off) -> None:
+            released.append((id(r), off))
+
+        ref = weakref.ref(arr, on_release)
         self._refs[id(ref)] = ref
         return torch.from_numpy(arr)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 import redis.cluster
@@ -80,7 +81,8 @@ class RedisTier(Tier):
         self.capacity_bytes = capacity_bytes
         self.prefix = prefix
         self.ttl_s = ttl_s  # expired entries are misses; their index slot is reclaimed on the next touch
-        self.client = connect(url, timeout_s)
+        # Any: redis-py types every reply as a union of sync and async results (bytes | str | ...)
+        self.client: Any = connect(url, timeout_s)
         tag = prefix + "{idx}"  # starts with the prefix; one cluster slot for the whole index
         self._index_keys = [tag + ":sizes", tag + ":lru", tag + ":bytes"]
         self._reserve = self.client.register_script(_RESERVE)
