@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--epochs",
         type=int,
         default=1,
-        help="cross-encoder epochs; the best on validation is kept (about 20 min each on 1 thread)",
+        help="cross-encoder epochs; the best on validation is kept (6 min each on 1 thread, --both-orders)",
     )
     p.add_argument(
         "--frozen-layers",
