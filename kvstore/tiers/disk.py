@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import sys
@@ -153,7 +154,7 @@ class DiskTier(Tier):
             view = buf.numpy().data
             got = _read_cached(fd, view, size)
             if got < size and aligned and self._direct:
-                got = self._read_direct(path, view, got - got % BLOCK, size)
+                got = self._read_direct(fd, view, got - got % BLOCK, size)
             got = _read_buffered(fd, view, got, size)
             h = xxhash.xxh3_64()
             _hash(h, view, 0, got)
@@ -161,31 +162,27 @@ class DiskTier(Tier):
         finally:
             os.close(fd)
 
-    def _read_direct(self, path: Path, view: memoryview, start: int, size: int) -> int:
-        """Bytes [start, size) with O_DIRECT (`start` block-aligned); returns where the file's bytes in
-        `view` now end (`start` again when O_DIRECT is refused: the caller reads the rest buffered)."""
+    def _read_direct(self, fd: int, view: memoryview, start: int, size: int) -> int:
+        """Bytes [start, size) with O_DIRECT (`start` block-aligned), switched on for this descriptor
+        only while reading (so the rest comes from the same file even if a put replaced it meanwhile);
+        returns where the file's bytes in `view` now end (`start` when O_DIRECT is refused)."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        got = start
         try:
-            fd = os.open(path, os.O_RDONLY | _O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._direct = False  # this file system does not take O_DIRECT: buffered from now on
-            return start
-        try:
-            got = start
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
             while got < size:
                 n = os.preadv(fd, [view[got:]], got)  # whole blocks, up to the block past the end
                 if n <= 0:
                     break
                 got += n
-            return min(got, size)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            self._direct = False
+            self._direct = False  # this file system does not take O_DIRECT: buffered from now on
             return start
         finally:
-            os.close(fd)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        return min(got, size)
 
     def _buffer(self, nbytes: int) -> tuple[torch.Tensor, bool]:
         """A lease on a read-pool block (page-aligned: True), or fresh memory when the pool is full of
