@@ -37,7 +37,7 @@ from engine import __version__
 from kvstore.lmserver import LmServer
 from kvstore.service import admin_api, kv_api
 from kvstore.service.body import BodyLimit, bulk_protocol
-from kvstore.service.deps import key_accepted
+from kvstore.service.deps import KeyGate, key_accepted
 from kvstore.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvstore.service.metrics import Metrics, Timing
 from kvstore.service.settings import ServerSettings
@@ -66,6 +66,7 @@ def create_app(settings: ServerSettings | None = None, store: TieredStore | None
     app.state.recv_buffers = RecycledBuffers()  # HTTP bodies and lm:// values, reused once released
     app.state.started = time.monotonic()
     app.add_middleware(BodyLimit, limit=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(KeyGate, api_key=lambda: app.state.api_key)  # before BodyLimit reads anything
     app.add_middleware(Timing, metrics=lambda: app.state.metrics)  # outermost: times 413s too
     app.include_router(kv_api.router)
     app.include_router(admin_api.router)

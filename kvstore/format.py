@@ -190,9 +190,8 @@ def decode(
     """Parse and verify an entry; CorruptEntry (a ValueError) on any mismatch, never wrong data.
 
     Tensors share memory with a writable `buf` (zero copy); a read-only `buf` (bytes) is copied.
-    `checksum`: xxh3-64 of `buf[PREFIX_BYTES:]` already computed by the caller (the disk tier hashes
-    each piece of a file as it reads it, while the bytes are still in cache); compared instead of hashing
-    the buffer again. `frozen`: the caller owns `buf` and nothing writes it while the entry lives (a
+    `checksum`: xxh3-64 of `buf[PREFIX_BYTES:]` already computed by the caller (the disk tier hashes a
+    file as it reads it); compared instead of hashing the buffer again. `frozen`: the caller owns `buf` and nothing writes it while the entry lives (a
     server's request body), so the verified checksum is kept: the store's copy is never hashed again.
     """
     view = memoryview(buf).cast("B")

@@ -36,6 +36,30 @@ _RETRYABLE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetEr
 _CORK_MIN = 64 << 10  # bodies from this size are sent corked, smaller ones joined to their head
 
 
+class _OneWrite:
+    """http.client sends a request's head and its body in two writes (two packets with TCP_NODELAY,
+    two wake-ups of the server); a small bytes body is sent with its head in one."""
+
+    _buffer: list[bytes]
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        if not isinstance(message_body, bytes) or encode_chunked:
+            super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
+            return
+        self._buffer.extend((b"", b""))
+        head = b"\r\n".join(self._buffer)
+        del self._buffer[:]
+        self.send(head + message_body)  # type: ignore[attr-defined]
+
+
+class _HTTPConnection(_OneWrite, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_OneWrite, http.client.HTTPSConnection):
+    pass
+
+
 class ServerError(RuntimeError):
     """The server failed (5xx)."""
 
@@ -72,7 +96,7 @@ class KVClient:
             return conn
         if conn is not None:
             conn.close()
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
         conn = cls(self._host, self._port, timeout=self.timeout_s)
         conn.connect()
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

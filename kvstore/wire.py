@@ -103,7 +103,11 @@ class RecycledBuffers:
 
     def _free_idle(self, need: int) -> None:
         """Drop idle buffers, oldest first, until `need` more bytes fit the budget (under the lock):
-        buffers of a size no request asks for any more give way to the sizes asked now."""
+        buffers of a size no request asks for any more give way to the sizes asked now. Nothing is
+        dropped when the lent buffers alone leave no room (the new one is a plain allocation then)."""
+        idle = sum(raw.nbytes for raw, _ in self._idle)
+        if self._bytes - idle + need > self.max_bytes:
+            return
         while self._idle and self._bytes + need > self.max_bytes:
             raw, _ = self._idle.pop(0)
             self._bytes -= raw.nbytes

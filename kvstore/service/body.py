@@ -10,8 +10,9 @@ Content-Length of 64 KiB up to the limit is read from the socket straight into o
 before when possible, see kvstore.wire.RecycledBuffers; the parser only sees the part that came with
 the headers) and handed to the app as one message; stock uvicorn hands it over in ~64 KiB messages,
 each two copies, a pause/resume of the socket and a trip through the middleware stack (a 5.6 MiB put
-took ~90). Oversized, chunked and small bodies take uvicorn's usual path. And a response leaves in full packets (TCP_CORK from its start to its last part), not head and
-parts one by one. `read_body` returns a body received in one piece as it is (no copy) and fills one
+took ~90). Oversized, chunked and small bodies take uvicorn's usual path, and so does a body whose
+request lacks the API key. And a response of 64 KiB or more leaves in full packets (TCP_CORK from its
+start to its last part), not head and parts one by one. `read_body` returns a body received in one piece as it is (no copy) and fills one
 buffer from any other.
 """
 

@@ -30,7 +30,7 @@ class BuffersResponse(Response):
         super().__init__(content=b"", status_code=status_code, media_type=media_type)
         self.buffers = [b for b in buffers if len(b)]
         size = sum(len(b) for b in self.buffers)
-        if size < _JOIN_BELOW:  # one socket write instead of one per part (a frame's prefix, header)
+        if size < _JOIN_BELOW:  # one body write instead of one per part (a frame's prefix, header)
             self.buffers = [b"".join(self.buffers)] if self.buffers else []
         self.headers["content-length"] = str(size)
 

@@ -136,4 +136,6 @@ def test_reads_are_exact_from_the_page_cache_the_device_or_both(tmp_path):
             _drop_from_page_cache(path, keep)
             got = disk.get(entry.key)
             assert torch.equal(got.kv, kv) and torch.equal(got.positions, entry.positions)
+        if direct:  # this file system (ext4 here and in CI) takes O_DIRECT: no silent fallback
+            assert disk._direct
     assert disk.corrupt == 0

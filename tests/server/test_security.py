@@ -236,3 +236,20 @@ def test_a_body_shorter_than_announced_stores_nothing(secured, keyed):
         )
         sock.sendall(head.encode() + entry[:1000])
     assert _snapshot(keyed) == before and keyed.get("sec-short") is None
+
+
+@pytest.mark.parametrize("path", ["/v1/admin/evict", "/v1/semcache/insert", "/v1/kv/entries/sec-gate"])
+def test_a_body_without_the_key_is_refused_before_it_is_read(secured, path):
+    """FastAPI reads a JSON body before a route's dependencies run: without the gate, a client lacking
+    the key could make the server wait for (and hold) up to the body limit. Only the head is sent here:
+    the 401 must come without the body."""
+    parts = urlsplit(secured.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        method = "PUT" if "entries" in path else "POST"
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall((head + "Content-Length: 900000\r\n\r\n").encode())
+        reply = b""
+        while b"API key" not in reply and (chunk := sock.recv(4096)):  # head and body may part
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    assert b"missing or wrong API key" in reply
