@@ -161,9 +161,8 @@ class DiskTier(Tier):
             if got < size and aligned and self._direct:
                 got = self._read_direct(fd, view, got - got % BLOCK, size)
             got = _read_buffered(fd, view, got, size)
-            h = xxhash.xxh3_64()
-            _hash(h, view, 0, got)
-            return buf[:got], st.st_ino, h.intdigest()
+            # the checksum covers everything after the prefix
+            return buf[:got], st.st_ino, xxhash.xxh3_64_intdigest(view[PREFIX_BYTES:got])
         finally:
             os.close(fd)
 
@@ -250,14 +249,7 @@ def _read_cached(fd: int, view: memoryview, size: int) -> int:
     """Copy the part of the file the page cache holds from its start into `view`; how many bytes.
     Residency is asked with mincore (a buffered read of an uncached page would start readahead, which
     an O_DIRECT read of the same range then has to wait for)."""
-    cached = min(size, _resident_prefix(fd, size))
-    got = 0
-    while got < cached:
-        n = os.preadv(fd, [view[got:cached]], got)
-        if n <= 0:
-            break
-        got += n
-    return got
+    return _read_buffered(fd, view, 0, min(size, _resident_prefix(fd, size)))
 
 
 def _resident_prefix(fd: int, size: int) -> int:
@@ -310,10 +302,3 @@ def _read_buffered(fd: int, view: memoryview, got: int, size: int) -> int:
             break
         got += n
     return got
-
-
-def _hash(h: xxhash.xxh3_64, view: memoryview, lo: int, hi: int) -> None:
-    """Feed bytes [lo, hi) to the checksum, which covers everything after the prefix."""
-    lo = max(lo, PREFIX_BYTES)
-    if hi > lo:
-        h.update(view[lo:hi])
