@@ -3,8 +3,9 @@
 For each context length: teacher forcing over a real-text continuation (KL, top-1, perplexity delta,
 decode ms per token) and passkey retrieval (depths x keys, full-cache ceiling first). Settings: ThinK
 lambda 0.25/0.4/0.5, kvpress's zeroing ThinK at the same lambdas, Chelsea keep 0.5/0.25/0.2 with and
-without size-aware attention, StreamingLLM and SnapKV at the measured bytes of each Chelsea setting and
-of ThinK 0.4. Prints one JSON line; draws quality against KV bytes. `bench/compress.py` and
+without size-aware attention, Chelsea with `protect` (observation-window tokens kept unmerged, same
+bytes as plain Chelsea at its keep), StreamingLLM and SnapKV at the measured bytes of each Chelsea
+setting and of ThinK 0.4. Prints one JSON line; draws quality against KV bytes. `bench/compress.py` and
 `kvfuse compress bench` run it.
 """
 
@@ -94,14 +95,21 @@ def settings() -> list[Setting]:
         for aware in (True, False):
             name = f"chelsea_{keep}" + ("" if aware else "_plain")
             out.append(Setting(name, "chelsea" if aware else "chelsea_plain", _chelsea(keep, aware)))
+    for keep, protect in PROTECTED:
+        out.append(
+            Setting(f"chelsea_{keep}_protect{protect}", "chelsea_protect", _chelsea(keep, True, protect))
+        )
     for match in ("chelsea_0.5", "chelsea_0.25", "chelsea_0.2", "think_0.4"):
         out.append(Setting(f"streaming@{match}", "streaming", lambda r, m=match: StreamingLLM(keep=r[m])))
         out.append(Setting(f"snapkv@{match}", "snapkv", lambda r, m=match: SnapKV(keep=r[m])))
     return out
 
 
-def _chelsea(keep: float, aware: bool) -> Callable[[dict[str, float]], Compressor]:
-    return lambda r: Chelsea(keep=keep, size_aware=aware)
+PROTECTED = [(0.5, 0.25), (0.25, 0.25), (0.25, 0.5), (0.2, 0.25)]  # (keep, protect) of Chelsea settings
+
+
+def _chelsea(keep: float, aware: bool, protect: float = 0.0) -> Callable[[dict[str, float]], Compressor]:
+    return lambda r: Chelsea(keep=keep, size_aware=aware, protect=protect)
 
 
 QUICK = BenchConfig(lengths=[512], continuation=32, depths=[0.3, 0.7], keys=1)
@@ -218,13 +226,24 @@ def targets(results: list[dict]) -> dict[str, dict]:
             "chelsea_passkey": chelsea["passkey"],
             "eviction_passkey": {k: row[f"{k}@chelsea_0.25"]["passkey"] for k in ("streaming", "snapkv")},
             "chelsea_ok": _chelsea_ok(row, ceiling),
+            "chelsea_protect": {
+                name: {
+                    "passkey": row[name]["passkey"],
+                    "top1": row[name]["top1"],
+                    "same_bytes": row[name]["kv_bytes"] == chelsea["kv_bytes"],
+                    "ok": _chelsea_ok(row, ceiling, name),
+                }
+                for keep, protect in PROTECTED
+                if keep == 0.25 and (name := f"chelsea_{keep}_protect{protect}") in row
+            },
         }
     return out
 
 
-def _chelsea_ok(row: dict, ceiling: float | None) -> bool | None:
-    chelsea = row["chelsea_0.25"]["passkey"]
-    if chelsea is None or ceiling is None:
+def _chelsea_ok(row: dict, ceiling: float | None, name: str = "chelsea_0.25") -> bool | None:
+    """Passkey within 5 points of the ceiling and above both eviction baselines at chelsea_0.25's bytes."""
+    chelsea = row[name]["passkey"]
+    if chelsea is None or ceiling is None or row[name]["kv_bytes"] != row["chelsea_0.25"]["kv_bytes"]:
         return None
     baselines = [row[f"{k}@chelsea_0.25"]["passkey"] for k in ("streaming", "snapkv")]
     return chelsea >= ceiling - 0.05 and all(chelsea > b for b in baselines)
@@ -240,7 +259,7 @@ def plot(report: dict, path: Path) -> None:
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(len(lengths), 2, figsize=(11, 3.6 * len(lengths)), squeeze=False)
     markers = {"full": "*", "think": "o", "kvpress_think": "x", "chelsea": "s", "chelsea_plain": "D",
-               "streaming": "v", "snapkv": "^"}  # fmt: skip
+               "streaming": "v", "snapkv": "^", "chelsea_protect": "P"}  # fmt: skip
     for ax_row, n in zip(axes, lengths, strict=True):
         for col, metric in enumerate(("top1", "passkey")):
             ax = ax_row[col]

@@ -11,6 +11,15 @@ candidate edges, the most similar first, chosen over all chunks of the head: wit
 now chunks of near-duplicates shrink more and distinct tokens (a number, a name) survive longer
 (1K teacher forcing at keep 0.25: top-1 0.625 -> 0.672, KL 1.38 -> 1.07). A leftover shorter than a
 chunk joins the recent tail and is merged once decode fills it (see TokenSetLayer).
+
+`protect` (off by default) reserves a fraction of each head's budget for the tokens the prompt's last
+`window` queries attend to most (SnapKV's observation score: their attention summed over the rows,
+averaged over the KV head's query group, max-pooled over `kernel` tokens): those tokens stay unmerged
+(size 1) and take no part in the matching, the rest is merged by the cosine passes into the remaining
+slots, so the layer holds exactly the bytes of plain Chelsea at the same keep. Key cosine alone marks a
+passkey's digits as the most redundant tokens of a chunk and merges them away (README, Compression);
+the window's attention finds them when the question is among the last queries. Chunks merged during
+decode have no observation window and are merged plainly.
 """
 
 from __future__ import annotations
@@ -23,17 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.base import Compressor, check_count, check_fraction, check_keep, register
+from compress.snapkv import pool, window_attention
 from compress.tokenset import TokenSetLayer
 
 
 @dataclass
 class Merge:
     """Centroids of a head's chunks `[N, n, c, ...]`: size-weighted sums of keys and values and the sizes
-    m (0 = merged away). Slots never move: a centroid stays at its b's slot, so survivors keep their order."""
+    m (0 = merged away). Slots never move: a centroid stays at its b's slot, so survivors keep their order.
+    `frozen` slots (protected tokens, or None) are never merged and never merged into."""
 
     k_sum: torch.Tensor
     v_sum: torch.Tensor
     m: torch.Tensor
+    frozen: torch.Tensor | None = None
 
     @property
     def alive(self) -> torch.Tensor:
@@ -46,10 +58,10 @@ class Merge:
 def best_edges(state: Merge) -> tuple[torch.Tensor, torch.Tensor]:
     """Each a's cosine similarity to its most similar b of the same chunk, and that b's offset, `[N, n, c]`.
 
-    A and B alternate over a chunk's surviving tokens in slot order; entries that are not in A get -inf."""
-    alive = state.alive
-    rank = alive.long().cumsum(-1) - 1
-    a_set, b_set = alive & (rank % 2 == 0), alive & (rank % 2 == 1)
+    A and B alternate over a chunk's surviving unfrozen tokens in slot order; entries not in A get -inf."""
+    free = state.alive if state.frozen is None else state.alive & ~state.frozen
+    rank = free.long().cumsum(-1) - 1
+    a_set, b_set = free & (rank % 2 == 0), free & (rank % 2 == 1)
     unit = F.normalize(state.centroids().float(), dim=-1)
     sim = (unit @ unit.transpose(-1, -2)).masked_fill(~b_set[..., None, :], float("-inf"))
     best, into = sim.max(dim=-1)
@@ -69,19 +81,22 @@ def merge_pass(state: Merge, best: torch.Tensor, into: torch.Tensor, r: torch.Te
     for x in (k_sum, v_sum, m):
         x.index_put_(b_at, x[a_at], accumulate=True)  # several a may join one b
         x[a_at] = 0
-    return Merge(k_sum, v_sum, m)
+    return Merge(k_sum, v_sum, m, state.frozen)
 
 
-def merge_chunks(k: torch.Tensor, v: torch.Tensor, target: int, per_pass: float) -> tuple[torch.Tensor, ...]:
+def merge_chunks(
+    k: torch.Tensor, v: torch.Tensor, target: int, per_pass: float, frozen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Merge each row of chunks `[N, n, c, d]` down to `n * target` tokens by soft-matching passes.
 
     Each pass merges at most `per_pass` of the row's candidate edges (one per a), the most similar
     first, and the row's chunks compete for them: a chunk of near-duplicates shrinks more than one of
-    distinct tokens. Rows are independent. Returns keys, values `[N, n * target, d]` and sizes
-    `[N, n * target]` in slot order."""
+    distinct tokens. `frozen` (`[N, n, c]` bool, or None) marks tokens kept as they are: they count
+    toward the row's `n * target` but take no part in the matching. Rows are independent. Returns keys,
+    values `[N, n * target, d]` and sizes `[N, n * target]` in slot order."""
     n_rows, n, c, d = k.shape
     m = torch.ones(n_rows, n, c, dtype=k.dtype, device=k.device)
-    state, total = Merge(k * 1, v * 1, m), n * target
+    state, total = Merge(k * 1, v * 1, m, frozen), n * target
     while bool((excess := state.alive.view(n_rows, -1).sum(-1) - total).gt(0).any()):
         best, into = best_edges(state)
         edges = torch.isfinite(best).view(n_rows, -1).sum(-1)
@@ -110,7 +125,10 @@ class Chelsea(Compressor):
     chunk: tokens per chunk (32). sinks / recent: first and last tokens kept as they are (4 / 32).
     size_aware: add `log m` to a centroid's logit (ToMe's proportional attention).
     per_pass: at most this fraction of the candidate edges merges per pass (best first, over the head's
-    chunks), so passes repeat until the keep ratio; 1 merges as much as one pass can."""
+    chunks), so passes repeat until the keep ratio; 1 merges as much as one pass can.
+    protect: fraction of each head's merged-region budget kept for the tokens the last `window` prompt
+    queries attend to most (max-pooled over `kernel`), unmerged; 0 (default) is Chelsea as specified.
+    At most all but one slot per chunk is protected, so the passes can always reach the keep ratio."""
 
     method: ClassVar[str] = "chelsea"
     keep: float = 0.25
@@ -119,8 +137,15 @@ class Chelsea(Compressor):
     recent: int = 32
     size_aware: bool = True
     per_pass: float = 0.25
+    protect: float = 0.0
+    window: int = 32
+    kernel: int = 7
 
     def __post_init__(self) -> None:
+        self.protect = check_fraction("protect", self.protect, 0.0, 1.0, high_open=False)
+        check_count("window", self.window, low=1)
+        if check_count("kernel", self.kernel, low=1) % 2 == 0:
+            raise ValueError(f"kernel must be odd (a centred pool), got {self.kernel}")
         check_count("chunk", self.chunk, low=2)
         self.per_pass = check_fraction("per_pass", self.per_pass, 0.0, 1.0, high_open=False)
         if self.per_pass == 0:
@@ -141,13 +166,53 @@ class Chelsea(Compressor):
         """Tokens each chunk keeps on average (a head keeps `target` per chunk in total)."""
         return int(self.keep * self.chunk + 0.5)
 
-    def merge(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chunks `[b, h, n, chunk, d]` -> merged `[b, h, n*target, d]` keys and values, and sizes."""
+    def observation_rows(self) -> int:
+        return self.window if self.protect > 0 else 0
+
+    def params(self) -> dict[str, Any]:
+        """Without protection the recorded parameters are those of the specified method (as before)."""
+        params = super().params()
+        if self.protect == 0:
+            for name in ("protect", "window", "kernel"):
+                params.pop(name)
+        return params
+
+    def protected(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Tokens kept unmerged, `[b, h, n, chunk]` bool, from observation scores of the same shape:
+        each head's `protect * n * target` best (at most n * (target - 1)); None if none."""
+        b, h, n, c = scores.shape
+        count = min(int(self.protect * n * self.target + 0.5), n * (self.target - 1))
+        if count <= 0:
+            return None
+        flat = scores.reshape(b, h, n * c)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask.scatter_(-1, flat.topk(count, dim=-1).indices, True)
+        return mask.view(b, h, n, c)
+
+    def merge(
+        self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chunks `[b, h, n, chunk, d]` -> merged `[b, h, n*target, d]` keys and values, and sizes.
+        `scores` `[b, h, n, chunk]`: observation scores choosing the protected tokens (None: none)."""
         b, h, n, c, d = k.shape
+        frozen = None if scores is None else self.protected(scores)
         keys, values, sizes = merge_chunks(
-            k.reshape(b * h, n, c, d), v.reshape(b * h, n, c, d), self.target, self.per_pass
+            k.reshape(b * h, n, c, d),
+            v.reshape(b * h, n, c, d),
+            self.target,
+            self.per_pass,
+            None if frozen is None else frozen.reshape(b * h, n, c),
         )
         return keys.view(b, h, -1, d), values.view(b, h, -1, d), sizes.view(b, h, -1)
+
+    def scores(self, queries: torch.Tensor | None, keys: torch.Tensor, mid: tuple[int, int]) -> torch.Tensor:
+        """Observation scores of the tokens `keys[:, :, mid[0]:mid[1]]`, `[b, h, mid[1] - mid[0]]`."""
+        if queries is None:
+            raise ValueError(
+                "Chelsea with protect > 0 needs the observation window's queries in kwargs['queries']"
+            )
+        w = min(self.window, queries.shape[2], keys.shape[2])
+        return pool(window_attention(queries[:, :, -w:], keys)[..., mid[0] : mid[1]], self.kernel)
 
     def compress(
         self,
@@ -165,7 +230,10 @@ class Chelsea(Compressor):
         mid = (sinks, end)
         k_mid = keys[:, :, mid[0] : mid[1]].reshape(b, h, chunks, self.chunk, d)
         v_mid = values[:, :, mid[0] : mid[1]].reshape(b, h, chunks, self.chunk, d)
-        k_m, v_m, size = self.merge(k_mid, v_mid)
+        score = None
+        if self.protect > 0 and chunks:
+            score = self.scores(kwargs.get("queries"), keys, mid).view(b, h, chunks, self.chunk)
+        k_m, v_m, size = self.merge(k_mid, v_mid, score)
         return TokenSetLayer(
             k=keys[:, :, end:].contiguous(),
             v=values[:, :, end:].contiguous(),

@@ -21,8 +21,9 @@ from compress.streaming import token_budget
 from compress.tokenset import TokenSetLayer, select_tokens
 
 
-def window_scores(queries: torch.Tensor, keys: torch.Tensor, kernel: int) -> torch.Tensor:
-    """`[batch, kv_heads, T - window]` pooled attention of the window rows on the older tokens."""
+def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`[batch, kv_heads, T]`: the causal attention of the prompt's last rows (`queries`, post-RoPE
+    `[batch, heads, window, head_dim]`) on every token, summed over the rows, averaged over the group."""
     b, h, t, d = keys.shape
     w = queries.shape[2]
     q = group_queries(queries, h).float()
@@ -31,8 +32,18 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, kernel: int) -> tor
         torch.arange(t, device=keys.device)[None, :] > (torch.arange(w, device=keys.device) + t - w)[:, None]
     )
     logits = logits.masked_fill(future, float("-inf"))
-    scores = torch.softmax(logits, dim=-1)[..., : t - w].sum(dim=3).mean(dim=2)
+    return torch.softmax(logits, dim=-1).sum(dim=3).mean(dim=2)
+
+
+def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool scores `[batch, kv_heads, n]` over `kernel` neighbours (keeps phrases whole)."""
     return F.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
+
+
+def window_scores(queries: torch.Tensor, keys: torch.Tensor, kernel: int) -> torch.Tensor:
+    """`[batch, kv_heads, T - window]` pooled attention of the window rows on the older tokens."""
+    w = queries.shape[2]
+    return pool(window_attention(queries, keys)[..., : keys.shape[2] - w], kernel)
 
 
 @register

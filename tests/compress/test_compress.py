@@ -67,7 +67,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "compressor", [ThinK(lam=0.0), Chelsea(keep=1.0, chunk=16)], ids=["think0", "chelsea1"]
+    "compressor",
+    [ThinK(lam=0.0), Chelsea(keep=1.0, chunk=16), Chelsea(keep=1.0, chunk=16, protect=0.5)],
+    ids=["think0", "chelsea1", "chelsea1_protect"],
 )
 def test_no_compression_equals_full_cache(engine, text_ids, full_logits, compressor):
     prompt, cont = text_ids
@@ -238,8 +240,13 @@ def test_every_method_decodes_and_reports_its_bytes(engine, text_ids, full_logit
 
 @pytest.mark.parametrize(
     "compressor",
-    [ThinK(lam=0.4), Chelsea(keep=0.25, chunk=16), SnapKV(keep=0.3)],
-    ids=["think", "chelsea", "snapkv"],
+    [
+        ThinK(lam=0.4),
+        Chelsea(keep=0.25, chunk=16),
+        Chelsea(keep=0.25, chunk=16, protect=0.25),
+        SnapKV(keep=0.3),
+    ],
+    ids=["think", "chelsea", "chelsea_protect", "snapkv"],
 )
 def test_compressed_chunk_round_trips_through_the_disk_tier(engine, text_ids, tmp_path, compressor):
     prompt, cont = text_ids
@@ -266,6 +273,8 @@ def test_compressed_chunk_round_trips_through_the_disk_tier(engine, text_ids, tm
         (lambda: Chelsea(keep=0.0), "keep"),
         (lambda: Chelsea(keep=1.5), "keep"),
         (lambda: Chelsea(keep=0.01, chunk=32), "keep"),  # rounds to 0 tokens per chunk
+        (lambda: Chelsea(protect=1.5), "protect"),
+        (lambda: Chelsea(protect=-0.1), "protect"),
         (lambda: StreamingLLM(keep=0.0), "keep"),
         (lambda: SnapKV(keep=1.2), "keep"),
         (lambda: KVPressThinK(lam=1.0), "lam"),
@@ -290,6 +299,11 @@ def test_bad_inputs_name_what_is_wrong(engine, text_ids):
     compressed = prefill(engine, prompt[:40], Chelsea(chunk=8)).cache
     with pytest.raises(TypeError, match="plain cache"), compressing(engine, ThinK(), compressed):
         pass
+    with pytest.raises(ValueError, match="observation"):
+        compress_cache(engine, plain, Chelsea(chunk=8, protect=0.25))  # protect scores with the last queries
+    longer = engine.forward(prompt[:80]).cache.layers[0]  # 44 tokens to merge: 5 chunks of 8
+    with pytest.raises(ValueError, match="queries"):
+        Chelsea(chunk=8, protect=0.25).compress(None, None, longer.k, longer.v, None, {})
 
 
 def test_kvpress_think_zeroes_exactly_the_channels_think_drops(engine, text_ids):
@@ -319,17 +333,25 @@ def test_bench_baselines_hold_the_same_bytes_as_the_method_they_match(engine, te
             target = held[name.split("@")[1]]
             per_token = engine.spec.kv_bytes_per_token
             assert abs(b - target) <= per_token, name  # within one token's KV
+        if "_protect" in name:
+            assert b == held[name.split("_protect")[0]], name  # exactly plain Chelsea's bytes at that keep
     assert held["think_0.4"] < 0.85 * held["full"] and held["chelsea_0.25"] < 0.5 * held["full"]
 
 
-def _merge_by_hand(keys: torch.Tensor, target: int, per_pass: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The passes written plainly for one head's chunks `[n, c, d]`, one edge at a time."""
-    chunks = [[[i, keys[j, i], 1.0] for i in range(keys.shape[1])] for j in range(keys.shape[0])]
-    total = keys.shape[0] * target
+def _merge_by_hand(
+    keys: torch.Tensor, target: int, per_pass: float, frozen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The passes written plainly for one head's chunks `[n, c, d]`, one edge at a time; `frozen`
+    `[n, c]` tokens stay as they are and are left out of the A/B alternation."""
+    n, c = keys.shape[:2]
+    frozen = torch.zeros(n, c, dtype=torch.bool) if frozen is None else frozen
+    chunks = [[[i, keys[j, i], 1.0, bool(frozen[j, i])] for i in range(c)] for j in range(n)]
+    total = n * target
     while (count := sum(len(ch) for ch in chunks)) > total:
         edges = []  # (similarity, chunk, a, b)
         for ch in chunks:
-            a_side, b_side = ch[0::2], ch[1::2]
+            free = [x for x in ch if not x[3]]
+            a_side, b_side = free[0::2], free[1::2]
             for a in a_side if b_side else []:
                 sims = torch.stack([torch.cosine_similarity(a[1], b[1], dim=0) for b in b_side])
                 edges.append((float(sims.max()), ch, a, b_side[int(sims.argmax())]))
@@ -344,18 +366,73 @@ def _merge_by_hand(keys: torch.Tensor, target: int, per_pass: float) -> tuple[to
 
 @pytest.mark.parametrize("target", [8, 4, 3])
 @pytest.mark.parametrize("per_pass", [0.25, 1.0])
-def test_merge_passes_match_a_plain_implementation(target, per_pass):
+@pytest.mark.parametrize("protect", [False, True])
+def test_merge_passes_match_a_plain_implementation(target, per_pass, protect):
     from compress.chelsea import merge_chunks
 
     gen = torch.Generator().manual_seed(target)
     k = torch.randn(3, 4, 16, 8, generator=gen, dtype=torch.float64)
-    keys, _, sizes = merge_chunks(
-        k, torch.randn(3, 4, 16, 8, generator=gen, dtype=torch.float64), target, per_pass
-    )
+    v = torch.randn(3, 4, 16, 8, generator=gen, dtype=torch.float64)
+    frozen = None
+    if protect:  # each row's 4 * (target - 1) protected tokens, spread unevenly over its chunks
+        score = torch.rand(3, 4 * 16, generator=gen) * torch.linspace(1, 3, 4 * 16)
+        frozen = torch.zeros(3, 4 * 16, dtype=torch.bool)
+        frozen.scatter_(1, score.topk(4 * (target - 1), dim=1).indices, True)
+        frozen = frozen.view(3, 4, 16)
+    keys, _, sizes = merge_chunks(k, v, target, per_pass, frozen)
     assert keys.shape == (3, 4 * target, 8)
     for n in range(3):
-        by_hand, by_hand_sizes = _merge_by_hand(k[n], target, per_pass)
+        by_hand, by_hand_sizes = _merge_by_hand(k[n], target, per_pass, None if frozen is None else frozen[n])
         assert torch.allclose(keys[n], by_hand) and torch.equal(sizes[n], by_hand_sizes)
+        if frozen is not None:  # every protected key survives as it was, alone
+            for j, i in frozen[n].nonzero().tolist():
+                at = (keys[n] == k[n, j, i]).all(-1).nonzero()
+                assert at.numel() == 1 and sizes[n, at[0, 0]] == 1
+
+
+def test_protected_tokens_are_what_the_window_attends_to_and_keep_the_bytes(engine, text_ids):
+    """protect keeps each head's top observation-scored tokens unmerged at exactly plain Chelsea's bytes."""
+    from compress.snapkv import pool, window_attention
+
+    prompt, _ = text_ids
+    out, seen = observe(engine, prompt)
+    plain = Chelsea(keep=0.25, chunk=16)
+    protect = Chelsea(keep=0.25, chunk=16, protect=0.5)
+    assert protect.observation_rows() == 32 and plain.observation_rows() == 0
+    assert "protect" not in plain.params() and protect.params()["protect"] == 0.5  # plain layouts unchanged
+    ours, theirs = compress_cache(engine, out.cache, protect, seen), compress_cache(engine, out.cache, plain)
+    assert kv_bytes(ours) == kv_bytes(theirs)
+    t, chunks = len(prompt), (len(prompt) - 4 - 32) // 16
+    for i in (0, 15, 29):
+        k = out.cache.layers[i].k
+        score = pool(window_attention(seen[i].queries, k)[..., 4 : 4 + chunks * 16], 7)
+        count = int(0.5 * chunks * 4 + 0.5)
+        layer = ours.layers[i]
+        assert layer.total == t and layer.size.sum(-1).eq(4 + chunks * 16).all()
+        for h in range(3):
+            best = score[0, h].topk(count).indices + 4
+            kept = (layer.k_set[0, h][:, None, :] == k[0, h, best][None]).all(-1)  # [slots, count]
+            assert kept.any(0).all()  # every protected token is held as it was ...
+            assert layer.size[0, h][kept.any(1)].eq(1).all()  # ... standing for itself only
+
+
+def test_protect_keeps_the_passkey_that_plain_chelsea_merges_away(engine, shared_data):
+    """A 512-token haystack, question in the prompt: the full cache and protected Chelsea find the key;
+    plain Chelsea at the same bytes merges its digits (README, Compression)."""
+    from compress.evaluate import found, passkey_trials
+
+    filler = nq_passages(shared_data, 200, seed=0)
+    trial = passkey_trials(engine, filler, 512, [0.5], 1, seed=0)[0]
+    out, seen = observe(engine, trial.context + trial.question)
+    got = {}
+    for name, c in {"plain": Chelsea(keep=0.25), "protect": Chelsea(keep=0.25, protect=0.25)}.items():
+        cache = compress_cache(engine, out.cache, c, seen)
+        new, _ = engine.decode(out.logits[0, -1], cache, 6, attention=attend, stop=set())
+        got[name] = (found(engine.tokenizer.decode(new), trial.key), kv_bytes(cache))
+    full, _ = engine.decode(out.logits[0, -1], out.cache, 6, stop=set())
+    assert found(engine.tokenizer.decode(full), trial.key)
+    assert got["protect"][0] and not got["plain"][0]
+    assert got["protect"][1] == got["plain"][1]
 
 
 def test_bench_runs_end_to_end_on_a_short_text(engine, shared_data, tmp_path):
