@@ -89,12 +89,12 @@ class Fuser:
         t0 = time.perf_counter()  # TTFT counts loading and fusing, not the one-off passage encoding
         attention = None
         if method in ("ape", "parallel"):
-            config = APEConfig(1.0, 1.0) if method == "parallel" else ape_config or APEConfig()
-            out, attention = self._ape(prompt, config)
+            ape_cfg = APEConfig(1.0, 1.0) if method == "parallel" else ape_config or APEConfig()
+            out, attention = self._ape(prompt, ape_cfg)
             base = len(prompt.prefix)
         else:
-            config = REUSE if method == "full_reuse" else blend_config or BlendConfig()
-            out, base = self._blend(prompt, config)
+            blend_cfg = REUSE if method == "full_reuse" else blend_config or BlendConfig()
+            out, base = self._blend(prompt, blend_cfg)
         reused = len(prompt.passages) - len(out.feed.stats.missing) - computed
         return Fused(
             out.logits,

@@ -53,11 +53,10 @@ class RagConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         r = self.recompute_ratio
-        number = isinstance(r, (int, float)) and not isinstance(r, bool)
-        if not (r is None or r == "auto" or number and 0.0 <= r <= 1.0):
-            raise ValueError(f"recompute_ratio must be None, a number in [0, 1] or 'auto', got {r!r}")
-        if number:
+        if isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0:
             self.blend = replace(self.blend, ratio=float(r))
+        elif not (r is None or r == "auto"):
+            raise ValueError(f"recompute_ratio must be None, a number in [0, 1] or 'auto', got {r!r}")
         if not 1 <= self.top_k <= 64:
             raise ValueError(f"top_k must be in [1, 64], got {self.top_k}")
         if not 0 <= self.max_new_tokens <= 4096:
@@ -230,6 +229,7 @@ class RagPipeline:
 
 def _document(i: int, doc: str | dict[str, Any]) -> tuple[str, str, str]:
     """(text, doc id, title) of a document given as a string or {"text", "id"?, "title"?}."""
+    text: object  # checked below: a dict's "text" may be anything
     if isinstance(doc, str):
         text, doc_id, title = doc, f"doc-{i}", ""
     elif isinstance(doc, dict):

@@ -142,7 +142,9 @@ class LayerFeed:
             key = self.connector.namespace.segment_key(p.ids)
             # copy=False: these tensors are only read (rotation and copy make new ones)
             entry = self.connector.kvstore.get(key, copy=False)
-            if entry is None:
+            # an entry without positions (stored by hand, not by encode_segment) cannot be re-rotated:
+            # recomputed like a missing one rather than guessed
+            if entry is None or entry.positions is None:
                 self.stats.missing.append(j)
                 self.cached[max(p.start - self.base, 0) : max(p.end - self.base, 0)] = False
                 continue

@@ -387,23 +387,23 @@ class SemanticCache:
     ) -> list[InsertResult]:
         """Store answers; questions are embedded in one batch unless `vectors` are given."""
         n = len(questions)
-        categories, metadata = categories or [None] * n, metadata or [None] * n
-        if not (len(answers) == len(categories) == len(metadata) == n):
+        categories, given = categories or [None] * n, metadata or [None] * n
+        if not (len(answers) == len(categories) == len(given) == n):
             raise ValueError(
                 f"questions, answers, categories and metadata differ in length: {n}, "
-                f"{len(answers)}, {len(categories)}, {len(metadata)}"
+                f"{len(answers)}, {len(categories)}, {len(given)}"
             )
         lim = self.config.limits
         questions = [lim.question(q) for q in questions]
         answers = [lim.answer(a) for a in answers]
-        metadata = [lim.metadata(m) for m in metadata]
+        metas = [lim.metadata(m) for m in given]
         ttl_s = lim.ttl(ttl_s)
         check_id("tenant", tenant)
         check_id("model", model)
         vecs = self.embedder.embed(questions) if vectors is None else self._vectors(vectors, n)
         return [
             self._insert_one(q, a, tenant, c, model, m, ttl_s, v)
-            for q, a, c, m, v in zip(questions, answers, categories, metadata, vecs, strict=True)
+            for q, a, c, m, v in zip(questions, answers, categories, metas, vecs, strict=True)
         ]
 
     def _vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:

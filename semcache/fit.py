@@ -247,7 +247,7 @@ def train_pair_encoder(
             # batches of similar length (little padding), in random order, different each epoch
             jitter = np.array([len(cached[i]) + len(queries[i]) for i in range(n)]) + rng.uniform(0, 12, n)
             order = np.argsort(jitter)
-            batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+            batches = [order[s : s + batch_size].tolist() for s in range(0, n, batch_size)]
             rng.shuffle(batches)
             for b, rows in enumerate(batches):
                 lens = [len(states[i]) for i in rows]

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -220,7 +221,7 @@ class Verifier:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        lin1, lin2 = net[0], net[3]
+        lin1, lin2 = cast(torch.nn.Linear, net[0]), cast(torch.nn.Linear, net[3])
         return cls(
             encoder,
             mean,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from blend_cases import PASSAGES
 
 from blend.passages import SplitConfig, split_document
 from blend.pipeline import RagConfig, RagPipeline
 from engine.chat import encode, passage_text
 from kvstore import StoreConfig, TieredStore
+from kvstore.format import Entry
 
 DOCS = [
     {"id": "paris", "title": "Eiffel Tower", "text": PASSAGES[0]},
@@ -55,6 +57,21 @@ def test_a_passage_missing_from_the_store_is_computed_and_stored(pipeline):
     assert answer.computed_passages == 2 and answer.reused_passages == 0
     assert pipeline.connector.has_segment(ids)
     assert pipeline.answer("What is the Colosseum built of?", passages=[new]).reused_passages == 1
+
+
+def test_a_segment_stored_without_positions_is_recomputed_not_misplaced(engine, pipeline):
+    """An entry under a segment key without positions (put straight into the store, not through the
+    connector, which records them) cannot be re-rotated: its rows are recomputed."""
+    ids = encode(pipeline.tokenizer, passage_text(PASSAGES[1]))
+    connector = pipeline.connector
+    kv = torch.zeros(connector.layout.chunk_shape(len(ids)), dtype=connector.layout.dtype)
+    # zeros: they would change the answer if they were used
+    connector.kvstore.put(Entry.plain(connector.namespace.segment_key(ids), connector.layout, kv))
+    question = "How tall is Mount Fuji?"
+    fused = pipeline.answer(question, passages=[PASSAGES[1]])
+    assert fused.reused_passages == 0 and fused.computed_passages == 0  # stored, but not usable
+    full = pipeline.answer(question, passages=[PASSAGES[1]], method="full_prefill")
+    assert fused.text == full.text
 
 
 def test_a_question_longer_than_the_context_is_refused_by_name(pipeline):
