@@ -38,6 +38,7 @@ from kvstore.lmserver import LmServer
 from kvstore.service import admin_api, kv_api
 from kvstore.service.body import BodyLimit, bulk_protocol
 from kvstore.service.deps import KeyGate, key_accepted
+from kvstore.service.heap import freeze_heap
 from kvstore.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvstore.service.metrics import Metrics, Timing
 from kvstore.service.settings import ServerSettings
@@ -99,6 +100,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await lm.start()
         app.state.lm_server = lm
     log.info("kvfuse store: %s", [t.name for t in app.state.store.tiers])
+    freeze_heap()
     try:
         yield
     finally:

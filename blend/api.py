@@ -22,6 +22,7 @@ from blend.fuse import METHODS
 from blend.pipeline import RagConfig, RagPipeline
 from engine.paths import kvfuse_home
 from kvstore.service.deps import require_api_key
+from kvstore.service.heap import freeze_heap
 
 router = APIRouter(prefix="/v1/rag", tags=["rag"], dependencies=[Depends(require_api_key)])
 _init_lock = threading.Lock()
@@ -63,6 +64,7 @@ def _engine(request: Request) -> Any:
         from engine.runner import Engine
 
         state.engine = Engine(load_model())
+        freeze_heap()  # the model's objects live as long as the server
     return state.engine
 
 

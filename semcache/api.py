@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from kvstore.service.deps import require_api_key
+from kvstore.service.heap import freeze_heap
 from semcache.cache import SemanticCache
 from semcache.settings import SemcacheSettings
 
@@ -93,6 +94,7 @@ def get_cache(request: Request) -> SemanticCache:
             cache = getattr(request.app.state, "semcache", None)
             if cache is None:
                 cache = request.app.state.semcache = SemanticCache(_settings(request).cache_config())
+                freeze_heap()  # the embedder's and verifier's objects live as long as the server
     return cache
 
 

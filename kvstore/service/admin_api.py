@@ -19,6 +19,7 @@ from engine import __version__
 from kvstore.connector import KVConnector
 from kvstore.format import Entry
 from kvstore.service.deps import Settings, Store, require_api_key
+from kvstore.service.heap import heap_stats
 from kvstore.service.responses import bad_request, check_key, check_keys, namespace_from, run
 from kvstore.store import TieredStore
 from kvstore.tiers.disk import DiskTier
@@ -61,6 +62,7 @@ async def stats(request: Request, store: Store) -> dict[str, Any]:
         "uptime_s": round(time.monotonic() - request.app.state.started, 3),
         "lm_port": None if lm is None else lm.port,
         "receive_buffers": _receive_buffers(request),
+        "heap": heap_stats(),
     }
     return out
 

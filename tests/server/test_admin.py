@@ -33,6 +33,9 @@ def test_stats_and_health(server):
     assert host["entries"] >= 2 and host["bytes"] >= 2 * LAYOUT.chunk_nbytes(16)
     assert host["capacity_bytes"] == 64 << 20 and host["hits"] >= 1 and host["misses"] >= 1
     assert stats["server"]["lm_port"] == server.lm_port and stats["server"]["uptime_s"] > 0
+    # startup's long-lived objects (imports, store) are out of the collector's full passes
+    heap = stats["server"]["heap"]
+    assert heap["frozen_objects"] > 100_000 and len(heap["collections"]) == 3
     health = client.health()
     assert health["ok"] and health["status"] == "ok"
     assert health["disk_writable"]["ok"] and health["queue_depth"] >= 0
