@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -143,4 +144,61 @@ def test_redis_stopped_mid_run_leaves_the_local_tiers_working(own_redis, tmp_pat
     assert not health["ok"] and not health["tiers"]["redis"]["ok"] and health["tiers"]["host"]["ok"]
     with pytest.raises(TierUnavailable):
         store.tiers[1].contains(_key(0))
+    store.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A real one-node Redis Cluster (cluster mode on, all 16384 slots on the node): the cluster client's
+    code paths (slot routing, cluster pipelines, scripts on one slot) run as against a larger cluster."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server binary not installed (CI=true: this must not be skipped)")
+        pytest.skip("redis-server binary not installed")
+    port = _free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, cwd=tmp_path)
+    node = redis.Redis(port=port)
+    try:
+        for _ in range(100):
+            try:
+                node.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        for _ in range(100):
+            if b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO"):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the one-node cluster never reached cluster_state:ok")
+        yield f"redis+cluster://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_redis_cluster_url_round_trip_capacity_and_store(redis_cluster):
+    tier = RedisTier(redis_cluster, 3 * SIZE, prefix="kvfuse-test-cluster:")
+    assert type(tier.client).__name__ == "RedisCluster"
+    for i in range(3):
+        tier.put(tiny_entry(_key(i), seed=i))
+    assert tier.usage().entries == 3 and tier.usage().bytes == 3 * SIZE
+    with pytest.raises(TierFull):
+        tier.put(tiny_entry(_key(3)))
+    assert torch.equal(tier.get(_key(0)).kv, tiny_entry(_key(0), seed=0).kv)
+    assert list(tier.lru_keys()) == [_key(1), _key(2), _key(0)]
+    assert tier.contains_many([_key(0), _key(7), _key(2)]) == [True, False, True]  # cluster pipeline
+    assert tier.remove(_key(1)) == SIZE and tier.get(_key(1)) is None
+    # the store builds its Redis tier from the cluster URL, as `kvfuse serve` with KVFUSE_REDIS_URL does
+    store = TieredStore(StoreConfig(host_bytes=2 * ENTRY_BYTES, redis_url=redis_cluster))
+    assert [t.name for t in store.tiers] == ["host", "redis"]
+    for i in range(5):
+        store.put(tiny_entry(_key(i), seed=i))
+    store.flush()
+    assert sorted(store.tiers[1].keys()) == [_key(i) for i in range(3)]  # demoted through the cluster
+    assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=0).kv)  # and promoted back
     store.close()
