@@ -7,6 +7,7 @@ Rules:
 - a hit in a lower tier is copied up to the top tier (the lower copy stays, so a later eviction is free);
 - `lookup` / `contains` never move data and never change LRU order;
 - pinned entries are never evicted; a put that finds every tier full of pinned entries is a ValueError;
+  pins are saved beside the disk tier and restored at start (kvstore/pins.py);
 - slow tiers (disk, Redis) are written by a worker thread when `write_behind` (see StoreConfig);
 - a tier that fails (Redis down) is skipped for `redis_retry_s` and reported in `health()`/`stats()`;
   the store goes on with the others.
@@ -32,6 +33,8 @@ import torch
 
 from kvstore.config import StoreConfig
 from kvstore.format import Entry
+from kvstore.pins import FILE_NAME as PINS_FILE
+from kvstore.pins import PinSet
 from kvstore.tiers.base import Tier, TierFull, TierUnavailable
 from kvstore.tiers.device import DeviceTier
 from kvstore.tiers.disk import DiskTier
@@ -83,7 +86,9 @@ class TieredStore:
         self._locks = [threading.RLock() for _ in self.tiers]
         self._counts = {t.name: dict.fromkeys(_COUNTERS, 0) for t in self.tiers}
         self._count_lock = threading.Lock()
-        self._pinned: set[str] = set()
+        # pins live beside the disk tier (when there is one), so a restart keeps them
+        disk = next((t for t in self.tiers if isinstance(t, DiskTier)), None)
+        self._pinned = PinSet(None if disk is None else disk.root / PINS_FILE)
         self._down: dict[str, tuple[float, str]] = {}  # tier name -> (retry at, last error)
         self._pending: dict[str, Entry] = {}  # queued for a slow tier, still readable
         self._pending_lock = threading.Lock()
@@ -93,6 +98,7 @@ class TieredStore:
         if self.config.write_behind and any(t.slow for t in self.tiers):
             self._worker = threading.Thread(target=self._drain, name="kvstore-write-behind", daemon=True)
             self._worker.start()
+        self._pinned.load(self.contains)
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -193,16 +199,19 @@ class TieredStore:
         borrowed = copy and not top.keeps_tensors
         if copy and top.keeps_tensors:
             entry = entry.to(getattr(top, "device", torch.device("cpu")), copy=True)
-        if pin:
+        added_pin = pin and entry.key not in self._pinned  # a failed put keeps an older pin
+        if added_pin:
             with self._locks[0]:
                 self._pinned.add(entry.key)
         try:
             placed = self._place(0, entry, borrowed=borrowed)
         except BaseException:
-            self._pinned.discard(entry.key)
+            if added_pin:
+                self._pinned.discard(entry.key)
             raise
         if not placed:
-            self._pinned.discard(entry.key)
+            if added_pin:
+                self._pinned.discard(entry.key)
             raise ValueError(
                 f"no tier has room for entry {entry.key} ({entry.nbytes} bytes): every tier is full of "
                 f"pinned entries or smaller than the entry; usage: {self._usage_summary()}"

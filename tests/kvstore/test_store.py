@@ -79,6 +79,48 @@ def test_pinned_entries_are_never_evicted(tmp_path):
     assert not store.tiers[0].contains(_key(0)) and store.tiers[1].contains(_key(0))
 
 
+def test_pins_survive_a_restart_beside_the_disk_tier(tmp_path):
+    config = StoreConfig(host_bytes=2 * ENTRY_BYTES, disk_path=str(tmp_path / "disk"), write_behind=False)
+    with TieredStore(config) as store:
+        for i in range(3):
+            store.put(tiny_entry(_key(i), seed=i), pin=i < 2)
+        store.pin(_key(2))
+        store.unpin(_key(1))
+    # closed: memory entries persisted to disk; a new process finds them and their pins
+    with TieredStore(config) as store:
+        assert [store.is_pinned(_key(i)) for i in range(3)] == [True, False, True]
+        for i in range(3, 8):  # the host tier turns over; pinned 0 and 2 stay wherever they are
+            store.put(tiny_entry(_key(i), seed=i))
+        store.remove(_key(2))
+    with TieredStore(config) as store:
+        assert store.is_pinned(_key(0)) and not store.is_pinned(_key(2)) and store.stats()["pinned"] == 1
+        store.clear()
+    with TieredStore(config) as store:
+        assert store.stats()["pinned"] == 0
+
+
+def test_an_unreadable_pins_file_loses_pins_not_entries(tmp_path):
+    config = StoreConfig(host_bytes=0, disk_path=str(tmp_path / "disk"), write_behind=False)
+    with TieredStore(config) as store:
+        store.put(tiny_entry(_key(0), seed=0), pin=True)
+    (tmp_path / "disk" / "pins.msgpack").write_bytes(b"\xc1 not msgpack")
+    with TieredStore(config) as store:
+        assert not store.is_pinned(_key(0))
+        assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=0).kv)
+        store.pin(_key(0))  # and the next change writes a good file
+    with TieredStore(config) as store:
+        assert store.is_pinned(_key(0))
+
+
+def test_a_failed_put_keeps_an_older_pin():
+    store = TieredStore(StoreConfig(), tiers=[HostTier(2 * ENTRY_BYTES)])
+    store.put(tiny_entry(_key(0), seed=0), pin=True)
+    store.put(tiny_entry(_key(1), seed=1), pin=True)
+    with pytest.raises(ValueError, match="no tier has room"):
+        store.put(tiny_entry(_key(0), seed=0, tokens=64), pin=True)  # too big for the tier
+    assert store.is_pinned(_key(0))
+
+
 def test_everything_pinned_is_a_clear_error_and_loses_nothing():
     store = TieredStore(StoreConfig(), tiers=[HostTier(2 * ENTRY_BYTES)])
     store.put(tiny_entry(_key(0), seed=0), pin=True)
