@@ -204,39 +204,45 @@ def run(engine: Engine, config: BenchConfig) -> dict:
 
 
 def targets(results: list[dict]) -> dict[str, dict]:
-    """The issue's targets per length: ThinK 0.4 and Chelsea 0.25 against the ceiling and the baselines."""
+    """The issue's targets per length: ThinK 0.4 and Chelsea 0.25 (and its protected settings) against
+    the full-cache ceiling and the eviction baselines at equal bytes; each part where its rows ran."""
     out = {}
     for n in sorted({r["length"] for r in results}):
         row = {r["setting"]: r for r in results if r["length"] == n}
-        if not {"full", "think_0.4", "chelsea_0.25", "streaming@chelsea_0.25", "snapkv@chelsea_0.25"} <= set(
-            row
-        ):
+        if "full" not in row:
             continue
-        think, chelsea, full = row["think_0.4"], row["chelsea_0.25"], row["full"]
-        ceiling = full["passkey"]
-        out[str(n)] = {
-            "think_saving": 1 - think["kv_ratio"],
-            "think_top1": think["top1"],
-            "think_passkey": think["passkey"],
-            "ceiling": ceiling,
-            "think_ok": 1 - think["kv_ratio"] >= 0.2
-            and think["top1"] >= 0.95
-            and think["passkey"] == ceiling,
-            "chelsea_saving": 1 - chelsea["kv_ratio"],
-            "chelsea_passkey": chelsea["passkey"],
-            "eviction_passkey": {k: row[f"{k}@chelsea_0.25"]["passkey"] for k in ("streaming", "snapkv")},
-            "chelsea_ok": _chelsea_ok(row, ceiling),
-            "chelsea_protect": {
-                name: {
-                    "passkey": row[name]["passkey"],
-                    "top1": row[name]["top1"],
-                    "same_bytes": row[name]["kv_bytes"] == chelsea["kv_bytes"],
-                    "ok": _chelsea_ok(row, ceiling, name),
-                }
-                for keep, protect in PROTECTED
-                if keep == 0.25 and (name := f"chelsea_{keep}_protect{protect}") in row
-            },
-        }
+        ceiling = row["full"]["passkey"]
+        part: dict = {"ceiling": ceiling}
+        if "think_0.4" in row:
+            think = row["think_0.4"]
+            part |= {
+                "think_saving": 1 - think["kv_ratio"],
+                "think_top1": think["top1"],
+                "think_passkey": think["passkey"],
+                "think_ok": 1 - think["kv_ratio"] >= 0.2
+                and think["top1"] >= 0.95
+                and think["passkey"] == ceiling,
+            }
+        if {"chelsea_0.25", "streaming@chelsea_0.25", "snapkv@chelsea_0.25"} <= set(row):
+            chelsea = row["chelsea_0.25"]
+            part |= {
+                "chelsea_saving": 1 - chelsea["kv_ratio"],
+                "chelsea_passkey": chelsea["passkey"],
+                "eviction_passkey": {k: row[f"{k}@chelsea_0.25"]["passkey"] for k in ("streaming", "snapkv")},
+                "chelsea_ok": _chelsea_ok(row, ceiling),
+                "chelsea_protect": {
+                    name: {
+                        "passkey": row[name]["passkey"],
+                        "top1": row[name]["top1"],
+                        "same_bytes": row[name]["kv_bytes"] == chelsea["kv_bytes"],
+                        "ok": _chelsea_ok(row, ceiling, name),
+                    }
+                    for keep, protect in PROTECTED
+                    if keep == 0.25 and (name := f"chelsea_{keep}_protect{protect}") in row
+                },
+            }
+        if len(part) > 1:
+            out[str(n)] = part
     return out
 
 
