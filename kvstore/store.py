@@ -27,6 +27,7 @@ import contextlib
 import queue
 import threading
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -92,6 +93,9 @@ class TieredStore:
         self._down: dict[str, tuple[float, str]] = {}  # tier name -> (retry at, last error)
         self._pending: dict[str, Entry] = {}  # queued for a slow tier, still readable
         self._pending_lock = threading.Lock()
+        # Keys put since their copies in lower tiers were made: those copies may hold older bytes, so
+        # an eviction or close writes the newer one down instead of trusting "a lower tier has it".
+        self._dirty: set[str] = set()
         self._sync_writes = 0  # writes the caller did itself because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
@@ -200,11 +204,13 @@ class TieredStore:
         if copy and top.keeps_tensors:
             entry = entry.to(getattr(top, "device", torch.device("cpu")), copy=True)
         added_pin = pin and entry.key not in self._pinned  # a failed put keeps an older pin
+        if len(self.tiers) > 1:
+            self._dirty.add(entry.key)  # before placing: an eviction racing the put must write it down
         if added_pin:
             with self._locks[0]:
                 self._pinned.add(entry.key)
         try:
-            placed = self._place(0, entry, borrowed=borrowed)
+            placed = self._place(0, entry, borrowed=borrowed, replace=True)
         except BaseException:
             if added_pin:
                 self._pinned.discard(entry.key)
@@ -221,29 +227,49 @@ class TieredStore:
             self._write_through(entry, borrowed)
 
     def _write_through(self, entry: Entry, borrowed: bool) -> None:
+        # every slow tier gets this version (queued in order behind any older write of the key)
         for j, tier in enumerate(self.tiers):
-            if tier.slow and not self._call(tier, tier.contains, entry.key, default=True):
+            if tier.slow:
                 self._place(j, entry, only=True, borrowed=borrowed)
+        self._dirty.discard(entry.key)
 
     def _place(
-        self, i: int, entry: Entry, stop: int | None = None, only: bool = False, borrowed: bool = False
+        self,
+        i: int,
+        entry: Entry,
+        stop: int | None = None,
+        only: bool = False,
+        borrowed: bool = False,
+        replace: bool = False,
     ) -> bool:
         """Put `entry` in the fastest tier from `i` with room (slow tiers via the queue); False if none.
 
         `stop`: do not go below this tier (a promotion never demotes its own source).
         `only`: tier `i` or nothing. `borrowed`: the entry's tensors are the caller's (see put).
+        `replace` (a put): once the entry is placed, older copies in the faster tiers that had no room
+        for it are removed, or a get would still find them first.
         """
         last = i + 1 if only else (stop if stop is not None else len(self.tiers))
+        older: list[int] = []
         for j in range(i, last):
             tier = self.tiers[j]
             if not self._usable(tier):
                 continue
             if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
                 # the worker tries tier j, then the ones below it
-                return self._enqueue(j, self._copy(entry) if borrowed else entry)
+                placed = self._enqueue(j, self._copy(entry) if borrowed else entry)
+                return self._drop_older(older, entry.key) if placed else False
             if self._place_here(j, self._copy(entry) if borrowed and tier.keeps_tensors else entry):
-                return True
+                return self._drop_older(older, entry.key)
+            if replace and self._call(tier, tier.contains, entry.key, default=False):
+                older.append(j)
         return False
+
+    def _drop_older(self, tiers: list[int], key: str) -> bool:
+        for j in tiers:
+            with self._locks[j]:
+                self._call(self.tiers[j], self.tiers[j].remove, key, default=0)
+        return True
 
     def _place_here(self, j: int, entry: Entry) -> bool:
         tier = self.tiers[j]
@@ -258,6 +284,7 @@ class TieredStore:
                 return True
         except TierUnavailable as e:
             self._fault(tier, e)
+            _release_frames(e)
             return False
         except TierFull:  # another process filled a shared tier between our eviction and our put
             return False
@@ -309,9 +336,13 @@ class TieredStore:
         return True
 
     def _evict(self, j: int, key: str) -> None:
-        """Remove `key` from tier j, demoting it first unless a lower tier already holds it."""
+        """Remove `key` from tier j, demoting it first unless a lower tier already holds the same bytes
+        (a copy promoted from there, not put since)."""
         tier = self.tiers[j]
         self._count(tier, "evictions")
+        if key in self._dirty and not self._settle(key, j):
+            tier.remove(key)  # an older copy under a newer one: nothing to keep
+            return
         held = self._held_from(key, j + 1)
         if not held and j + 1 < len(self.tiers):
             entry = self._peek(tier, key) or tier.get(key)  # a lease: the block waits for the demotion
@@ -322,6 +353,25 @@ class TieredStore:
         elif not held:
             self._count(tier, "dropped")
         tier.remove(key)
+
+    def _settle(self, key: str, j: int) -> bool:
+        """For a key put since its lower copies were made, about to leave tier j: False if a faster tier
+        holds a newer copy (tier j's is old). Otherwise tier j's is the newest: the older copies below
+        it are removed (so demotion writes this one, and no restart can bring an old one back)."""
+        if self._held_between(key, 0, j):
+            return False
+        for k in range(j + 1, len(self.tiers)):
+            tier = self.tiers[k]
+            if self._call(tier, tier.contains, key, default=False):
+                with self._locks[k]:
+                    self._call(tier, tier.remove, key, default=0)
+        with self._pending_lock:
+            self._pending.pop(key, None)  # a queued older write: the worker skips it (see _drain)
+        self._dirty.discard(key)
+        return True
+
+    def _held_between(self, key: str, start: int, stop: int) -> bool:
+        return any(self._call(t, t.contains, key, default=False) for t in self.tiers[start:stop])
 
     # ---- write-behind ----------------------------------------------------------------------------
 
@@ -355,11 +405,15 @@ class TieredStore:
                 if item is _STOP:
                     return
                 j, entry = item
-                if not self._place(j, entry):
+                with self._pending_lock:
+                    current = self._pending.get(entry.key) is entry
+                # superseded by a later write of the key, or cancelled as older than a newer put
+                if current and not self._place(j, entry):
                     self._count(self.tiers[j], "dropped")
                 self._unpend(entry)
             except Exception as e:  # the worker must outlive any one bad write
                 self._fault(self.tiers[item[0]], e)
+                _release_frames(e)
                 self._unpend(item[1])
             finally:
                 # drop our references before blocking on the next item: a demoted entry is a lease on
@@ -389,6 +443,7 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
+        self._dirty.discard(key)
         with self._pending_lock:
             removed = self._pending.pop(key, None) is not None
         for j, tier in enumerate(self.tiers):
@@ -409,6 +464,7 @@ class TieredStore:
         """Forget everything (pins too)."""
         self.flush()
         self._pinned.clear()
+        self._dirty.clear()
         for j, tier in enumerate(self.tiers):
             with self._locks[j]:
                 self._call(tier, tier.clear, default=None)
@@ -433,7 +489,11 @@ class TieredStore:
         for tier in self.tiers[:slow]:
             for key in tier.lru_keys():
                 entry = self._peek(tier, key)
-                if entry is not None and not self._held_from(key, slow):
+                if entry is None:
+                    continue
+                if key in self._dirty:
+                    self._settle(key, slow - 1)  # older copies below go: this one is written down
+                if not self._held_from(key, slow):
                     self._place(slow, entry)
 
     def _held_from(self, key: str, start: int) -> bool:
@@ -456,6 +516,7 @@ class TieredStore:
             result = fn(*args)
         except TierUnavailable as e:
             self._fault(tier, e)
+            _release_frames(e)
             return default
         self._down.pop(tier.name, None)
         return result
@@ -512,3 +573,14 @@ class TieredStore:
         out["sync_writes"] = self._sync_writes
         out["pinned"] = len(self._pinned)
         return out
+
+
+def _release_frames(error: BaseException | None) -> None:
+    """Clear the finished frames of a handled tier failure and of its causes. A client library's
+    exception and its frames form reference cycles, and through the frames' callers they keep our
+    locals alive until the next garbage collection: an evicted entry's host-pool lease among them,
+    so its block stayed unusable and later puts evicted more than they needed (seen with Redis down)."""
+    seen = 0
+    while error is not None and seen < 16:
+        traceback.clear_frames(error.__traceback__)
+        error, seen = error.__cause__ or error.__context__, seen + 1

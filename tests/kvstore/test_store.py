@@ -121,6 +121,52 @@ def test_a_failed_put_keeps_an_older_pin():
     assert store.is_pinned(_key(0))
 
 
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_an_overwritten_entry_never_comes_back_old_after_eviction(tmp_path, write_behind):
+    store = _store(tmp_path, host_entries=2, write_behind=write_behind)
+    store.put(tiny_entry(_key(0), seed=1))
+    for i in range(1, 3):  # 0 (first version) goes down to disk
+        store.put(tiny_entry(_key(i), seed=10 + i))
+    store.flush()
+    assert store.tiers[1].contains(_key(0))
+    store.put(tiny_entry(_key(0), seed=2))  # second version, in the host tier; disk still has the first
+    for i in range(3, 6):  # 0 is evicted again: its second version must replace the first on disk
+        store.put(tiny_entry(_key(i), seed=10 + i))
+    store.flush()
+    assert not store.tiers[0].contains(_key(0))
+    assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=2).kv)
+    # and once promoted (the same bytes as on disk), a later eviction need not write it again
+    before = store.stats()["tiers"]["host"]["demotions"]
+    for i in range(6, 8):
+        store.put(tiny_entry(_key(i), seed=10 + i))
+    store.flush()
+    assert store.stats()["tiers"]["host"]["demotions"] == before + 1  # key 5 only: 0 was clean
+    assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=2).kv)
+
+
+def test_an_overwritten_entry_never_comes_back_old_after_a_restart(tmp_path):
+    config = StoreConfig(host_bytes=4 * ENTRY_BYTES, disk_path=str(tmp_path / "disk"))
+    with TieredStore(config) as store:
+        store.put(tiny_entry(_key(0), seed=1))
+    with TieredStore(config) as store:  # the first version is on disk now
+        store.put(tiny_entry(_key(0), seed=2))
+        assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=2).kv)
+    with TieredStore(config) as store:
+        assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=2).kv)
+
+
+def test_a_put_that_lands_below_an_older_copy_removes_it():
+    """The second version does not fit the top tier, which holds the first: it lands in the next tier,
+    and the first may not stay above it (a get would find it first)."""
+    host, lower = HostTier(2 * ENTRY_BYTES), HostTier(8 * ENTRY_BYTES)
+    lower.name = "lower"
+    store = TieredStore(StoreConfig(), tiers=[host, lower])
+    store.put(tiny_entry(_key(0), seed=1))
+    store.put(tiny_entry(_key(0), seed=2, tokens=16))  # 4x larger than the host tier
+    assert not host.contains(_key(0)) and lower.contains(_key(0))
+    assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=2, tokens=16).kv)
+
+
 def test_everything_pinned_is_a_clear_error_and_loses_nothing():
     store = TieredStore(StoreConfig(), tiers=[HostTier(2 * ENTRY_BYTES)])
     store.put(tiny_entry(_key(0), seed=0), pin=True)
