@@ -486,13 +486,13 @@ class TieredStore:
         slow = next((j for j, t in enumerate(self.tiers) if t.slow), None)
         if slow is None:
             return
-        for tier in self.tiers[:slow]:
+        for i, tier in enumerate(self.tiers[:slow]):
             for key in tier.lru_keys():
                 entry = self._peek(tier, key)
                 if entry is None:
                     continue
-                if key in self._dirty:
-                    self._settle(key, slow - 1)  # older copies below go: this one is written down
+                if key in self._dirty and not self._settle(key, i):
+                    continue  # a faster tier holds a newer copy, written down in its turn
                 if not self._held_from(key, slow):
                     self._place(slow, entry)
 
