@@ -34,6 +34,8 @@ class RetrievalStats:
     steps: decode steps (query rows) that went through retrieval-managed layers.
     layer_steps / retrievals: (layer, step) pairs, and those that re-selected what is resident.
     retrieval_steps: steps on which at least one layer re-selected.
+    first_layer_steps / first_retrievals: the (layer, step) pairs and retrievals of the first step alone
+        (LouisKV always retrieves there: on a 15-step answer that is 1/15 of the rate by itself).
     tokens_selected: tokens chosen by all selections together (already resident or not);
     tokens_fetched / bytes_fetched / units_fetched: what really moved from the store into the working set;
     bytes_offloaded / units_offloaded: what moved from the working set into the store.
@@ -45,6 +47,8 @@ class RetrievalStats:
     layer_steps: int = 0
     retrievals: int = 0
     retrieval_steps: int = 0
+    first_layer_steps: int = 0
+    first_retrievals: int = 0
     tokens_selected: int = 0
     tokens_fetched: int = 0
     bytes_fetched: int = 0
@@ -61,13 +65,24 @@ class RetrievalStats:
         return self.retrievals / self.layer_steps if self.layer_steps else 0.0
 
     @property
+    def retrieval_rate_after_first(self) -> float:
+        """Share of (layer, step) pairs that retrieved, leaving out the first step (the trigger's own
+        choices; what `calibrate_tau` counts by default)."""
+        pairs = self.layer_steps - self.first_layer_steps
+        return (self.retrievals - self.first_retrievals) / pairs if pairs else 0.0
+
+    @property
     def step_retrieval_rate(self) -> float:
         """Share of steps on which any layer retrieved."""
         return self.retrieval_steps / self.steps if self.steps else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(retrieval_rate=self.retrieval_rate, step_retrieval_rate=self.step_retrieval_rate)
+        out.update(
+            retrieval_rate=self.retrieval_rate,
+            retrieval_rate_after_first=self.retrieval_rate_after_first,
+            step_retrieval_rate=self.step_retrieval_rate,
+        )
         return out
 
 
@@ -137,6 +152,9 @@ class Retriever(ABC):
             s.steps += 1
             self._step_retrieved = False
         s.layer_steps += 1
+        if s.steps == 1:
+            s.first_layer_steps += 1
+            s.first_retrievals += retrieved
         if retrieved:
             s.retrievals += 1
             if not self._step_retrieved:

@@ -2,7 +2,11 @@
 
 Everything is measured side by side in one run against the same model with its full cache:
 - passkey and needle (in MuSiQue passages) accuracy per input length and LouisKV budget, plus LouisKV
-  retrieving at every step at the middle budget;
+  retrieving at every step and with the short-answer taus (`ANSWER_TAU`) at the middle budget; every
+  method decodes from the same full prefill of a probe, and the LouisKV variants share its k-means units
+  (identical: the clustering depends on neither budget nor tau). With `results`, each probe's rows are
+  appended to a JSONL file as soon as it is done, probes already there are skipped (a run resumes), and
+  `stop_at` (a unix time) stops starting new probes;
 - long-output agreement: greedy match length of LouisKV (default tau, and every step) vs the full cache;
 - ReKV: block recall@k (per layer, averaged) and answer accuracy for facts planted at known blocks;
 - per configuration: retrievals per (layer, token), bytes fetched from the store, decode ms per token.
@@ -11,6 +15,7 @@ Everything is measured side by side in one run against the same model with its f
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +27,7 @@ from engine.chat import build_chat
 from engine.runner import Engine
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
-from retrieval.louiskv import LouisKV, LouisKVConfig
+from retrieval.louiskv import ANSWER_TAU, LouisKV, LouisKVConfig
 from retrieval.rekv import ReKV, ReKVConfig
 from retrieval.tasks import FACTS, fact_stream, needle, passages, passkey
 
@@ -35,6 +40,7 @@ class BenchConfig:
     lengths: tuple[int, ...] = (2048, 4096)
     budgets: tuple[int, ...] = (256, 512, 1024)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    seeds: tuple[int, ...] = (0,)  # probe draws per (task, length, depth); seed 0 = the earlier runs' probes
     answer_tokens: int = 16  # SmolLM2 spells numbers digit by digit: 'The pass key is 4 8 2 1 3.'
     long_prompt_tokens: int = 1024
     long_output_tokens: int = 256
@@ -44,6 +50,8 @@ class BenchConfig:
     rekv: ReKVConfig = field(default_factory=ReKVConfig)
     threads: int = 1
     parts: tuple[str, ...] = PARTS  # which measurements to run (the plot needs all of them)
+    results: str | None = None  # JSONL file of per-probe accuracy rows (appended; resumes)
+    stop_at: float | None = None  # unix time after which no new accuracy probe is started
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -75,53 +83,101 @@ def _decode(engine: Engine, logits, cache, n: int, attention=None) -> tuple[list
     return new, (time.perf_counter() - start) * 1000 / max(1, len(new) - 1)
 
 
-def _louiskv_run(engine, out, n, budget, tau) -> tuple[list[int], float, dict[str, Any]]:
+def _louiskv_run(
+    engine, out, n, budget, tau, labels=None
+) -> tuple[list[int], float, dict[str, Any], list[torch.Tensor]]:
+    """Decode `n` tokens with LouisKV from the full prefill `out` (reusing k-means `labels` if given);
+    returns the tokens, ms/token, the stats (with `offload_s`) and the labels."""
     r = LouisKV(engine, LouisKVConfig(budget=budget, tau=tau), _store())
-    cache = r.offload(out.cache.clone())
+    start = time.perf_counter()
+    cache = r.offload(out.cache.clone(), labels=labels)
+    offload_s = time.perf_counter() - start
     new, ms = _decode(engine, out.logits[0, -1], cache, n, r.attention)
-    stats = r.stats.as_dict()
+    stats = dict(r.stats.as_dict(), offload_s=offload_s)
     r.release()
-    return new, ms, stats
+    return new, ms, stats, r.labels
 
 
-def _variants(cfg: BenchConfig) -> list[tuple[str, int, float]]:
+def _variants(cfg: BenchConfig) -> list[tuple[str, int, float | tuple[float, ...]]]:
     middle = cfg.budgets[len(cfg.budgets) // 2]
-    rows = [(f"louiskv-{b}", b, LouisKVConfig().tau) for b in cfg.budgets]
-    return rows + [(f"every-step-{middle}", middle, EVERY_STEP)]
+    rows: list[tuple[str, int, float | tuple[float, ...]]] = [
+        (f"louiskv-{b}", b, LouisKVConfig().tau) for b in cfg.budgets
+    ]
+    return rows + [
+        (f"louiskv-answer-{middle}", middle, ANSWER_TAU),
+        (f"every-step-{middle}", middle, EVERY_STEP),
+    ]
+
+
+def _probe_seed(depth: float, seed: int) -> int:
+    return int(depth * 100) + 1000 * seed  # seed 0: the earlier runs' probes
+
+
+def _load_rows(path: str | None) -> list[dict[str, Any]]:
+    if path is None or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def accuracy(engine: Engine, cfg: BenchConfig, texts: list[str]) -> list[dict[str, Any]]:
-    """One row per (task, length, depth, method): correct, decode ms/token, retrieval counters."""
-    rows = []
+    """One row per (task, length, seed, depth, method): correct, decode ms/token, retrieval counters.
+    Probes run seed by seed (every depth and task of a seed before the next), so a run stopped early
+    still covers all depths."""
+    rows = _load_rows(cfg.results)
+    done = {(r["task"], r["length"], r["depth"], r.get("seed", 0)) for r in rows}
     for length in cfg.lengths:
-        for depth in cfg.depths:
-            for task, probe in (
-                ("passkey", passkey(engine.tokenizer, length, depth, seed=int(depth * 100))),
-                ("needle", needle(engine.tokenizer, texts, length, depth, seed=int(depth * 100))),
-            ):
-                out = engine.forward(probe.ids)
-                base = dict(task=task, length=length, depth=depth)
-                new, ms = _decode(engine, out.logits[0, -1], out.cache.clone(), cfg.answer_tokens)
-                rows.append(
-                    dict(
-                        base,
-                        method="full",
-                        correct=_hit(engine, new, probe.answer),
-                        ms_per_token=ms,
-                        text=engine.tokenizer.decode(new),
-                    )
-                )
-                for name, budget, tau in _variants(cfg):
-                    new, ms, stats = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau)
-                    rows.append(
-                        dict(
-                            base,
-                            method=name,
-                            correct=_hit(engine, new, probe.answer),
-                            ms_per_token=ms,
-                            **_counters(stats),
-                        )
-                    )
+        for seed in cfg.seeds:
+            for depth in cfg.depths:
+                for task in ("passkey", "needle"):
+                    if (task, length, depth, seed) in done:
+                        continue
+                    if cfg.stop_at is not None and time.time() > cfg.stop_at:
+                        return rows
+                    probe_rows = _probe_rows(engine, cfg, texts, task, length, depth, seed)
+                    rows += probe_rows
+                    if cfg.results is not None:
+                        with open(cfg.results, "a") as f:
+                            f.writelines(json.dumps(r) + "\n" for r in probe_rows)
+    return rows
+
+
+def _probe_rows(
+    engine: Engine, cfg: BenchConfig, texts: list[str], task: str, length: int, depth: float, seed: int
+) -> list[dict[str, Any]]:
+    s = _probe_seed(depth, seed)
+    if task == "passkey":
+        probe = passkey(engine.tokenizer, length, depth, seed=s)
+    else:
+        probe = needle(engine.tokenizer, texts, length, depth, seed=s)
+    start = time.perf_counter()
+    out = engine.forward(probe.ids)
+    base = dict(task=task, length=length, depth=depth, seed=seed, answer=probe.answer)
+    new, ms = _decode(engine, out.logits[0, -1], out.cache.clone(), cfg.answer_tokens)
+    rows = [
+        dict(
+            base,
+            method="full",
+            correct=_hit(engine, new, probe.answer),
+            ms_per_token=ms,
+            text=engine.tokenizer.decode(new),
+            prefill_s=time.perf_counter() - start,
+        )
+    ]
+    labels = None
+    for name, budget, tau in _variants(cfg):
+        new, ms, stats, labels = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau, labels)
+        rows.append(
+            dict(
+                base,
+                method=name,
+                correct=_hit(engine, new, probe.answer),
+                ms_per_token=ms,
+                text=engine.tokenizer.decode(new),
+                offload_s=stats["offload_s"],
+                **_counters(stats),
+            )
+        )
     return rows
 
 
@@ -205,15 +261,38 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         s["correct"] += row["correct"]
         s["ms"] += row["ms_per_token"]
         s["rate"] += row.get("retrieval_rate", 0.0)
+        s["rate_after_first"] = s.get("rate_after_first", 0.0) + row.get("retrieval_rate_after_first", 0.0)
         s["step_rate"] += row.get("step_retrieval_rate", 0.0)
         s["mb_fetched"] += row.get("bytes_fetched", 0) / 1e6
-    for s in out.values():
+    paired = _paired(rows)
+    for key, s in out.items():
         n = s.pop("n")
-        out_row = {"accuracy": s["correct"] / n, "ms_per_token": s["ms"] / n}
-        out_row.update(retrieval_rate=s["rate"] / n, step_retrieval_rate=s["step_rate"] / n)
-        out_row.update(mb_fetched=s["mb_fetched"] / n, probes=n)
+        out_row = {"accuracy": s["correct"] / n, "correct": s["correct"], "ms_per_token": s["ms"] / n}
+        out_row.update(retrieval_rate=s["rate"] / n, retrieval_rate_after_first=s["rate_after_first"] / n)
+        out_row.update(step_retrieval_rate=s["step_rate"] / n, mb_fetched=s["mb_fetched"] / n, probes=n)
+        out_row.update(paired.get(key, {}))
         s.clear()
         s.update(out_row)
+    return out
+
+
+def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per method@length, on the probes it shares with the full cache and with every-step retrieval:
+    how many it got right where the reference did not (wins) and the reverse (losses)."""
+    by_probe: dict[tuple, dict[str, bool]] = {}
+    for r in rows:
+        probe = (r["task"], r["length"], r["depth"], r.get("seed", 0))
+        by_probe.setdefault(probe, {})[r["method"]] = bool(r["correct"])
+    out: dict[str, dict[str, int]] = {}
+    for (_, length, _, _), methods in by_probe.items():
+        refs = {"full": "full"} | {m: "every_step" for m in methods if m.startswith("every-step")}
+        for m, ok in methods.items():
+            d = out.setdefault(f"{m}@{length}", {})
+            for ref, label in refs.items():
+                if ref == m or ref not in methods:
+                    continue
+                d[f"wins_vs_{label}"] = d.get(f"wins_vs_{label}", 0) + (ok and not methods[ref])
+                d[f"losses_vs_{label}"] = d.get(f"losses_vs_{label}", 0) + (methods[ref] and not ok)
     return out
 
 
@@ -230,51 +309,84 @@ def run(engine: Engine, cfg: BenchConfig, plot: Path | None = None) -> dict[str,
     if "rekv" in cfg.parts:
         result["rekv"] = [rekv(engine, cfg, texts, n) for n in cfg.stream_tokens]
     result["wall_s"] = time.perf_counter() - start
-    if plot is not None and set(cfg.parts) == set(PARTS):
+    if plot is not None and "accuracy" in cfg.parts:
         draw(result, plot)
     return result
 
 
 def draw(result: dict[str, Any], path: Path) -> None:
+    """Accuracy (with the number right out of the probes) and (layer, step) retrieval rate per method and
+    length; ReKV recall per planted block when the run measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     acc = result["accuracy"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    methods = sorted({k.split("@")[0] for k in acc})
+    panels = 3 if result.get("rekv") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    methods = sorted({k.split("@")[0] for k in acc}, key=_method_order)
     lengths = sorted({int(k.split("@")[1]) for k in acc})
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
-        ys = [acc.get(f"{m}@{n}", {}).get("accuracy", 0) for n in lengths]
-        axes[0].bar([j + i * width for j in range(len(lengths))], ys, width, label=m)
-        ms = [acc.get(f"{m}@{n}", {}).get("ms_per_token", 0) for n in lengths]
-        axes[1].bar([j + i * width for j in range(len(lengths))], ms, width, label=m)
-    for ax, title in ((axes[0], "passkey + needle accuracy"), (axes[1], "decode ms / token")):
+        xs = [j + i * width for j in range(len(lengths))]
+        rows = [acc.get(f"{m}@{n}", {}) for n in lengths]
+        axes[0].bar(xs, [r.get("accuracy", 0) for r in rows], width, label=m)
+        for x, r in zip(xs, rows, strict=True):
+            if r:
+                axes[0].text(
+                    x, r["accuracy"] + 0.01, f"{r['correct']}/{r['probes']}", ha="center", fontsize=6
+                )
+        if m != "full":
+            axes[1].bar(xs, [r.get("retrieval_rate", 0) for r in rows], width, label=m)
+            after = [r.get("retrieval_rate_after_first", 0) for r in rows]
+            axes[1].scatter(xs, after, color="black", marker="_", s=60, zorder=3)
+    axes[1].axhline(0.3, color="grey", linestyle="--", linewidth=0.8)
+    titles = ("passkey + needle accuracy", "(layer, step) retrieval rate (dash: without the first step)")
+    for ax, title in zip(axes[:2], titles, strict=True):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n} tokens" for n in lengths])
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     axes[0].set_ylim(0, 1)
+    axes[1].set_ylim(0, 1.05)
     axes[0].legend(fontsize=7)
-    for i, stream in enumerate(result["rekv"]):
-        facts = stream["facts"]
-        xs = [i * 10 + j for j in range(len(facts))]
-        label = f"{stream['stream_tokens']} tokens, {stream['blocks']} blocks"
-        axes[2].bar(xs, [f["recall"] for f in facts], label=label)
-        for x, f in zip(xs, facts, strict=True):
-            axes[2].text(x, 0.02, str(f["block"]), ha="center", fontsize=7, rotation=90)
-    axes[2].set_xticks([])
-    axes[2].set_title(f"ReKV recall@{result['rekv'][0]['top_k']} per planted block (label: block id)")
-    axes[2].set_ylim(0, 1.05)
-    axes[2].legend(fontsize=7)
+    if panels == 3:
+        ax = axes[2]
+        for i, stream in enumerate(result["rekv"]):
+            facts = stream["facts"]
+            xs = [i * 10 + j for j in range(len(facts))]
+            label = f"{stream['stream_tokens']} tokens, {stream['blocks']} blocks"
+            ax.bar(xs, [f["recall"] for f in facts], label=label)
+            for x, f in zip(xs, facts, strict=True):
+                ax.text(x, 0.02, str(f["block"]), ha="center", fontsize=7, rotation=90)
+        ax.set_xticks([])
+        ax.set_title(
+            f"ReKV recall@{result['rekv'][0]['top_k']} per planted block (label: block id)", fontsize=9
+        )
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def _method_order(method: str) -> tuple[int, int]:
+    kind = ("full", "louiskv", "louiskv-answer", "every-step")
+    name, _, budget = method.rpartition("-")
+    if not budget.isdigit():
+        return (0, 0)
+    return (kind.index(name) if name in kind else len(kind), int(budget))
+
+
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
-    keys = ("retrieval_rate", "step_retrieval_rate", "bytes_fetched", "tokens_fetched", "peak_resident_bytes")
+    keys = (
+        "retrieval_rate",
+        "retrieval_rate_after_first",
+        "step_retrieval_rate",
+        "bytes_fetched",
+        "tokens_fetched",
+        "peak_resident_bytes",
+    )
     return {k: stats[k] for k in keys}
 
 

@@ -73,20 +73,42 @@ def calibrate_tau(
     target_rate: float = 0.3,
     taus: Sequence[float] | None = None,
     trigger: str = "anchor",
+    include_first: bool = False,
 ) -> TauCalibration:
     """The largest tau in `taus` whose retrieval rate on `prompts` is at most `target_rate` (overall, and
-    per layer)."""
+    per layer).
+
+    `include_first`: count LouisKV's mandatory retrieval at the first decode step in the rate, as
+    `RetrievalStats.retrieval_rate` does (one step in `max_new_tokens - 1`, a large share of a short
+    answer), so the target bounds the rate LouisKV reports on decodes of this length; by default only
+    the trigger's own choices (steps 1..) are counted."""
     if not prompts:
         raise ValueError("calibrate_tau needs at least one prompt")
+    queries = [decode_queries(engine, p, max_new_tokens) for p in prompts]
+    return calibrate_queries(queries, target_rate, taus, trigger, include_first)
+
+
+def calibrate_queries(
+    queries_per_prompt: Sequence[torch.Tensor],
+    target_rate: float = 0.3,
+    taus: Sequence[float] | None = None,
+    trigger: str = "anchor",
+    include_first: bool = False,
+) -> TauCalibration:
+    """`calibrate_tau` on recorded decodes (`decode_queries` of each prompt)."""
+    if not queries_per_prompt:
+        raise ValueError("calibrate_queries needs at least one decode")
     if not 0.0 < target_rate <= 1.0:
         raise ValueError(f"target_rate must be in (0, 1], got {target_rate}")
     taus = sorted(taus) if taus is not None else [round(0.3 + 0.01 * i, 2) for i in range(70)]
     grid = torch.tensor(taus)
-    counts, steps = torch.zeros(len(taus), engine.spec.num_layers), 0
-    for p in prompts:
-        queries = decode_queries(engine, p, max_new_tokens)
+    counts, steps = torch.zeros(len(taus), queries_per_prompt[0].shape[1]), 0
+    for queries in queries_per_prompt:
         counts += trigger_rates(queries, grid, trigger)
         steps += queries.shape[0] - 1
+        if include_first:
+            counts += 1
+            steps += 1
     if steps == 0:
         raise ValueError("no decode steps were measured (max_new_tokens too small?)")
     rates = (counts.sum(1) / (steps * counts.shape[1])).tolist()

@@ -15,6 +15,10 @@ def register(subparsers) -> None:
     bench.add_argument("--lengths", type=int, nargs="+", help="input lengths (tokens)")
     bench.add_argument("--budgets", type=int, nargs="+", help="LouisKV budgets (resident tokens per head)")
     bench.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1]")
+    bench.add_argument("--seeds", type=int, nargs="+", help="probe draws per (task, length, depth)")
+    bench.add_argument("--answer-tokens", type=int, help="tokens decoded per accuracy probe")
+    bench.add_argument("--results", help="JSONL of per-probe accuracy rows (appended; a rerun resumes)")
+    bench.add_argument("--stop-at", help="UTC time HH:MM after which no new accuracy probe starts")
     bench.add_argument("--long-output-tokens", type=int, help="tokens generated for the agreement test")
     bench.add_argument("--stream-tokens", type=int, nargs="+", help="ReKV stream lengths")
     bench.add_argument(
@@ -39,6 +43,10 @@ def _bench(args: argparse.Namespace) -> int:
         "long_output_tokens": args.long_output_tokens,
         "stream_tokens": tuple(args.stream_tokens) if args.stream_tokens else None,
         "parts": tuple(args.only) if args.only else None,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "answer_tokens": args.answer_tokens,
+        "results": args.results,
+        "stop_at": _utc_today(args.stop_at) if args.stop_at else None,
     }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = run(Engine(load_model()), cfg, plot=args.plot)
@@ -46,3 +54,11 @@ def _bench(args: argparse.Namespace) -> int:
     result.pop("rows", None)
     print(json.dumps(result))
     return 0
+
+
+def _utc_today(hhmm: str) -> float:
+    """Unix time of HH:MM UTC today."""
+    from datetime import UTC, datetime
+
+    hour, minute = (int(x) for x in hhmm.split(":"))
+    return datetime.now(UTC).replace(hour=hour, minute=minute, second=0, microsecond=0).timestamp()

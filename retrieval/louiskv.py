@@ -43,6 +43,15 @@ DEFAULT_TAU = (
     0.70, 0.75, 0.73, 0.78, 0.74, 0.77, 0.78, 0.74, 0.74, 0.76, 0.81, 0.79, 0.88, 0.90, 0.86,
     0.88, 0.91, 0.85, 0.86, 0.91, 0.85, 0.88, 0.87, 0.83, 0.82, 0.86, 0.83, 0.86, 0.84, 0.83,
 )  # fmt: skip
+# The same calibration on short answers, the decode the accuracy probes make: 12 MuSiQue questions over
+# their own passages (items 100-111, 3.6-3.8K tokens; the probes draw passages from items 0-59 only), 16
+# tokens decoded, target 30% counting the mandatory first-step retrieval (`include_first=True`). On those
+# decodes DEFAULT_TAU retrieved on 43% of (layer, step) pairs after the first step and 46% with it: the
+# first tokens of an answer move the query more than a long output's running text does.
+ANSWER_TAU = (
+    0.63, 0.73, 0.68, 0.75, 0.68, 0.71, 0.72, 0.69, 0.70, 0.74, 0.80, 0.78, 0.87, 0.87, 0.81,
+    0.84, 0.90, 0.82, 0.85, 0.90, 0.81, 0.83, 0.84, 0.78, 0.75, 0.84, 0.80, 0.83, 0.80, 0.81,
+)  # fmt: skip
 DEFAULT_TRIGGER = "adjacent"
 
 
@@ -122,6 +131,7 @@ class LouisKV(Retriever):
             raise ValueError(f"LouisKVConfig.tau has {len(taus)} values for a {layers}-layer model")
         super().__init__(engine, store, cluster_tokens=self.config.cluster_tokens)
         self.layers: list[LouisKVLayer] = []
+        self.labels: list[torch.Tensor] = []  # k-means labels per layer of the last offload
 
     @property
     def budget_bytes(self) -> int:
@@ -135,14 +145,25 @@ class LouisKV(Retriever):
         out = self.engine.forward(ids)
         return self.offload(out.cache), out.logits[0, -1]
 
-    def offload(self, cache: KVCache) -> KVCache:
-        """Replace each dense layer of a batch-1 `cache` by a LouisKV layer (in place; returns it)."""
+    def offload(self, cache: KVCache, labels: list[torch.Tensor] | None = None) -> KVCache:
+        """Replace each dense layer of a batch-1 `cache` by a LouisKV layer (in place; returns it).
+
+        `labels`: the k-means labels per layer of another LouisKV's `offload` of the same prompt (its
+        `labels`), valid when `n_sink`, `window`, `cluster_tokens` and `kmeans_iters` are the same (the
+        clustering is deterministic and does not depend on budget or tau): skips the clustering, which
+        is most of an offload's time on long prompts."""
         if not cache.layers or cache.layers[0].k.shape[0] != 1:
             raise ValueError("LouisKV manages a non-empty batch-1 cache")
         if any(isinstance(layer, LouisKVLayer) for layer in cache.layers):
             raise ValueError("this cache is already managed by a retriever")
+        if labels is not None and len(labels) != len(cache.layers):
+            raise ValueError(f"labels has {len(labels)} layers, the cache {len(cache.layers)}")
         with self.timed():
-            self.layers = [self._layer(i, lay, cache.positions) for i, lay in enumerate(cache.layers)]
+            self.labels = []
+            self.layers = [
+                self._layer(i, lay, cache.positions, None if labels is None else labels[i])
+                for i, lay in enumerate(cache.layers)
+            ]
         cache.layers = list(self.layers)
         self.sync_stats()
         return cache
@@ -164,20 +185,26 @@ class LouisKV(Retriever):
             self.sync_stats()
         return out
 
-    def _layer(self, i: int, dense: LayerKV, positions: torch.Tensor) -> LouisKVLayer:
+    def _layer(
+        self, i: int, dense: LayerKV, positions: torch.Tensor, labels: torch.Tensor | None
+    ) -> LouisKVLayer:
         layer = LouisKVLayer(self, i, dense.k, dense.v, positions)
         middle = slice(layer.sink_k.shape[2], layer.local_start)
-        self._offload_clusters(layer, dense.k[0, :, middle], dense.v[0, :, middle], positions[middle])
+        k, v = dense.k[0, :, middle], dense.v[0, :, middle]
+        if labels is None:
+            labels = kmeans(k, -(-k.shape[1] // self.config.cluster_tokens), self.config.kmeans_iters)
+        elif tuple(labels.shape) != tuple(k.shape[:2]):
+            raise ValueError(f"layer {i}: labels of shape {tuple(labels.shape)} for {tuple(k.shape[:2])}")
+        self.labels.append(labels)
+        self._offload_clusters(layer, k, v, positions[middle], labels)
         return layer
 
     def _offload_clusters(
-        self, layer: LouisKVLayer, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+        self, layer: LouisKVLayer, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor
     ) -> None:
         cfg = self.config
         if k.shape[1] == 0:
             return
-        clusters = -(-k.shape[1] // cfg.cluster_tokens)
-        labels = kmeans(k, clusters, cfg.kmeans_iters)
         for h in range(k.shape[0]):
             for members in groups(labels[h], cfg.max_unit):
                 layer.offload_unit(h, Unit(k[h, members], v[h, members], pos[members]))

@@ -66,14 +66,29 @@ class FactStream:
 
 def passages(limit: int = 150) -> list[str]:
     """Wikipedia passages of MuSiQue (../shared/data/rag/musique_s.json), in file order."""
-    path = Path(data_dir()) / "rag" / "musique_s.json"
-    if not path.is_file():
-        raise ValueError(f"evaluation data {path} is absent (set KVFUSE_DATA)")
-    items = json.loads(path.read_text())
-    out = [c["text"].strip() for item in items[:limit] for c in item["ctxs"]]
+    out = [c["text"].strip() for item in _musique()[:limit] for c in item["ctxs"]]
     # MuSiQue questions share Wikipedia paragraphs: keep each once, so a stream or haystack never repeats
     # the text around a planted fact elsewhere (a repeated paragraph is a decoy block for retrieval).
     return [p for p in dict.fromkeys(out) if p]
+
+
+def qa_prompts(tokenizer: Any, n_tokens: int, items: slice) -> list[list[int]]:
+    """ChatML prompts of MuSiQue questions over their own passages (as many as fit in `n_tokens`), for
+    `items` of ../shared/data/rag/musique_s.json: short answers after a long context, for calibrating
+    LouisKV's tau on the kind of decode the accuracy probes make (take items whose passages the probes
+    do not use: `passages(limit=60)` draws from the first 60)."""
+    from engine.chat import build_chat
+
+    out = []
+    for item in _musique()[items]:
+        kept, used = [], 80
+        for c in item["ctxs"]:
+            size = len(encode(tokenizer, c["text"])) + 2
+            if c["text"].strip() and used + size <= n_tokens:
+                kept.append(c["text"])
+                used += size
+        out.append(build_chat(tokenizer, item["question"], kept).ids)
+    return out
 
 
 def passkey(tokenizer: Any, n_tokens: int, depth: float, seed: int = 0) -> Probe:
@@ -148,6 +163,13 @@ def _probe(
     at = int(round(depth * room))
     ids = head + body[:at] + needle_ids + body[at:] + tail
     return Probe(ids, answer, len(head) + at, depth)
+
+
+def _musique() -> list[dict[str, Any]]:
+    path = Path(data_dir()) / "rag" / "musique_s.json"
+    if not path.is_file():
+        raise ValueError(f"evaluation data {path} is absent (set KVFUSE_DATA)")
+    return json.loads(path.read_text())
 
 
 def _prefix(tokenizer: Any) -> list[int]:

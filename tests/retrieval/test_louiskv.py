@@ -8,10 +8,10 @@ import torch
 from engine.attention import AttnCall
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
-from retrieval.calibrate import calibrate_tau, decode_queries, trigger_rates
+from retrieval.calibrate import calibrate_queries, calibrate_tau, decode_queries, trigger_rates
 from retrieval.kmeans import groups, kmeans
-from retrieval.louiskv import LouisKV, LouisKVConfig
-from retrieval.tasks import needle
+from retrieval.louiskv import ANSWER_TAU, DEFAULT_TAU, LouisKV, LouisKVConfig
+from retrieval.tasks import needle, qa_prompts
 
 NEW = 12
 SMALL = dict(window=32, max_segment=16, n_sink=4)
@@ -84,10 +84,70 @@ def test_tau_outside_the_cosine_range(engine, probe, tau):
     r.generate(probe.ids, 8, stop=set())
     layers = engine.spec.num_layers
     assert r.stats.steps == 7 and r.stats.layer_steps == 7 * layers
+    assert r.stats.first_layer_steps == r.stats.first_retrievals == layers  # the first step always does
     if tau > 1:
         assert r.stats.retrievals == r.stats.layer_steps and r.stats.retrieval_steps == 7
+        assert r.stats.retrieval_rate_after_first == 1.0
     else:
         assert r.stats.retrievals == layers and r.stats.retrieval_steps == 1
+        assert r.stats.retrieval_rate == 1 / 7 and r.stats.retrieval_rate_after_first == 0.0
+
+
+def test_shared_kmeans_labels_give_the_same_tokens(engine, probe):
+    """Another LouisKV's k-means labels of the same prompt (different budget and tau) give exactly the
+    units it would cluster itself: the bench clusters a probe once for all its LouisKV variants."""
+    out = engine.forward(probe.ids)
+    first = LouisKV(engine, LouisKVConfig(budget=256, tau=2.0, **SMALL), host_store())
+    first.offload(out.cache.clone())
+    runs = []
+    for labels in (None, first.labels):
+        r = LouisKV(engine, LouisKVConfig(budget=96, tau=0.9, **SMALL), host_store())
+        cache = r.offload(out.cache.clone(), labels=labels)
+        new, _ = engine.decode(out.logits[0, -1], cache, 10, attention=r.attention, stop=set())
+        runs.append(
+            (new, r.stats.retrievals, r.stats.tokens_fetched, [len(p) for p in r.layers[5].pool.keys])
+        )
+    assert runs[0] == runs[1]
+    assert all(torch.equal(a, b) for a, b in zip(first.labels, r.labels, strict=True))
+    with pytest.raises(ValueError, match="labels"):
+        LouisKV(engine, LouisKVConfig(budget=96, **SMALL)).offload(out.cache.clone(), labels=first.labels[:3])
+    with pytest.raises(ValueError, match="labels of shape"):
+        LouisKV(engine, LouisKVConfig(budget=96, window=64)).offload(out.cache.clone(), labels=first.labels)
+
+
+def test_calibration_counting_the_first_step_bounds_louiskvs_reported_rate(engine, probe):
+    """`include_first=True` counts the mandatory first-step retrieval as LouisKV's `retrieval_rate`
+    does, so on decodes of the calibrated length the per-layer taus keep that rate within the target
+    (without it, a 10-token decode adds 1/9 per layer on top of the target)."""
+    ids, new = probe.ids[:240], 10
+    queries = [decode_queries(engine, ids, new)]
+    strict = calibrate_queries(queries, 0.3, trigger="adjacent", include_first=True)
+    loose = calibrate_queries(queries, 0.3, trigger="adjacent")
+    assert strict.samples == loose.samples + engine.spec.num_layers
+    assert all(a <= b for a, b in zip(strict.layer_taus, loose.layer_taus, strict=True))
+    r = LouisKV(engine, LouisKVConfig(budget=1024, tau=tuple(strict.layer_taus), trigger="adjacent", **SMALL))
+    r.generate(ids, new, stop=set())
+    steps = new - 1
+    for layer_rate in _layer_rates(r, engine.spec.num_layers, steps, queries[0], strict.layer_taus):
+        assert layer_rate <= 0.3
+    assert r.stats.retrieval_rate <= 0.3
+    assert r.stats.first_retrievals == engine.spec.num_layers
+
+
+def _layer_rates(r, layers, steps, queries, taus):
+    replayed = trigger_rates(queries, torch.tensor(taus), "adjacent").diagonal()
+    assert int(replayed.sum()) + layers == r.stats.retrievals  # the replay is what LouisKV did
+    return [(1 + c) / steps for c in replayed.tolist()]
+
+
+def test_answer_taus_are_stricter_than_the_long_output_taus(engine):
+    """ANSWER_TAU (calibrated on 16-token answers, first step counted) sits at or below DEFAULT_TAU
+    (96-token outputs) at every layer: short answers move the query more."""
+    assert len(ANSWER_TAU) == len(DEFAULT_TAU) == engine.spec.num_layers
+    assert all(a <= d for a, d in zip(ANSWER_TAU, DEFAULT_TAU, strict=True))
+    prompts = qa_prompts(engine.tokenizer, 600, slice(100, 102))
+    assert len(prompts) == 2 and all(len(p) <= 600 for p in prompts)
+    assert engine.tokenizer.decode(prompts[0]).rstrip().endswith("assistant")
 
 
 def test_offloaded_kv_lives_in_the_store_and_is_released(engine, probe):
