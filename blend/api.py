@@ -26,7 +26,8 @@ from kvstore.service.heap import freeze_heap
 
 router = APIRouter(prefix="/v1/rag", tags=["rag"], dependencies=[Depends(require_api_key)])
 _init_lock = threading.Lock()
-_TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# a folder name under the RAG root: never ".", ".." or hidden
+_TENANT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 Text = Annotated[StrictStr, Field(min_length=1, max_length=200_000)]
 Tenant = Annotated[StrictStr, Field(pattern=_TENANT.pattern)]
@@ -75,7 +76,7 @@ def get_pipeline(request: Request, tenant: str) -> RagPipeline:
         if pipelines is None:
             pipelines = state.rag = {}
         if tenant not in pipelines:
-            folder = rag_dir() / tenant
+            folder = tenant_dir(tenant)
             config = RagConfig(progress=False)
             pipelines[tenant] = RagPipeline(
                 _engine(request), state.store, config=config, tenant=tenant, folder=folder
@@ -87,6 +88,16 @@ def rag_dir() -> Path:
     """Where tenants' passage catalogs live: `$KVFUSE_RAG_DIR`, else `$KVFUSE_HOME/rag`."""
     env = os.environ.get("KVFUSE_RAG_DIR")
     return Path(env).expanduser() if env else kvfuse_home() / "rag"
+
+
+def tenant_dir(tenant: str) -> Path:
+    """A tenant's catalog folder under `rag_dir()`; ValueError for a name that is not a plain folder
+    name (`..` would write the catalog outside the RAG root, `.` into the root itself)."""
+    if not isinstance(tenant, str) or not _TENANT.match(tenant):
+        raise ValueError(
+            f"invalid tenant {tenant!r:.80}: 1-64 chars of [A-Za-z0-9_.-], starting with a letter, digit or _"
+        )
+    return rag_dir() / tenant
 
 
 def _bad_request(err: Exception) -> HTTPException:

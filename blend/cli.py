@@ -60,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _pipeline(args: argparse.Namespace, config):
 
-    from blend.api import rag_dir
+    from blend.api import tenant_dir
     from blend.pipeline import RagPipeline
     from engine.loader import load_model
     from engine.paths import kvfuse_home
@@ -70,7 +70,7 @@ def _pipeline(args: argparse.Namespace, config):
     disk = Path(args.disk_path) if args.disk_path else kvfuse_home() / "store"
     store = TieredStore(StoreConfig(host_bytes=2 << 30, disk_path=str(disk)))
     engine = Engine(load_model(args.model))
-    folder = rag_dir() / args.tenant
+    folder = tenant_dir(args.tenant)
     return store, RagPipeline(engine, store, config=config, tenant=args.tenant, folder=folder)
 
 

@@ -141,6 +141,11 @@ def test_rag_routes_through_a_real_server(root):
         assert status == 422
         status, err = server.post("/v1/rag/query", {"question": "why " * 8300, "passage_ids": ids[:1]})
         assert status == 400 and "question is" in err["detail"]
+        # a tenant is a folder name under the RAG root: never a way out of it
+        for tenant in ("..", ".", ".hidden", "a/b"):
+            status, err = server.post("/v1/rag/documents", {"documents": ["x y z"], "tenant": tenant})
+            assert status == 422, (tenant, status, err)
+        assert sorted(p.name for p in root.iterdir() if p.suffix == ".jsonl") == []
     finally:
         server.stop()
 
