@@ -3,19 +3,27 @@
 The cache lives in `app.state.semcache`; when the app has not put one there, the first request builds
 it from `SemcacheSettings` (environment `KVFUSE_SEMCACHE_*`), and the router's lifespan saves its index
 snapshot at shutdown. Every route needs the server's API key when one is configured: lookups return
-tenants' answers, so they are guarded too. Bodies over `max_body_bytes` (512 KiB) get 413.
+tenants' answers, so they are guarded too.
+
+Bodies over `max_body_bytes` (512 KiB) get 413 before FastAPI reads them: the check sits in the routes'
+class (`_SemcacheRoute`), which runs before FastAPI reads and parses the body - a dependency would run
+only after. A declared Content-Length over the limit is refused without reading a byte; a chunked body
+is cut off as soon as it crosses the limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
 from kvstore.service.deps import require_api_key
 from kvstore.service.heap import freeze_heap
@@ -25,7 +33,8 @@ from semcache.settings import SemcacheSettings
 _init_lock = threading.Lock()
 Text = Annotated[StrictStr, Field(max_length=16_384)]  # a backstop; the cache's Limits are the rule
 Ident = Annotated[StrictStr, Field(min_length=1, max_length=128)]
-Number = StrictFloat | StrictInt
+# JSON from Python's parser may hold NaN and Infinity: refused here (422 naming the field), not echoed as null.
+Number = Annotated[float, Strict(), AllowInfNan(False)] | StrictInt
 
 
 class _Body(BaseModel):
@@ -78,13 +87,56 @@ def _settings(request: Request) -> SemcacheSettings:
     return settings
 
 
-async def limit_body(request: Request) -> None:
-    limit = _settings(request).max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {declared} bytes exceeds the limit of {limit}")
-    if len(await request.body()) > limit:  # chunked bodies declare no length
-        raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+class _SemcacheRoute(APIRoute):
+    """A route whose body is bounded by `max_body_bytes` before FastAPI reads it, and whose 422 can be
+    rendered when the JSON held NaN or Infinity (the stock handler fails on them with a 500)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            limit = _settings(request).max_body_bytes
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+                raise HTTPException(
+                    413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
+                )
+            try:
+                return await handler(Request(request.scope, _bounded_receive(request, limit)))
+            except RequestValidationError as exc:
+                raise RequestValidationError(
+                    _json_safe(exc.errors()), endpoint_ctx=exc.endpoint_ctx
+                ) from None
+
+        return bounded
+
+
+def _bounded_receive(request: Request, limit: int) -> Callable[[], Awaitable[Any]]:
+    """The request's receive, raising 413 as soon as the body read so far exceeds `limit` (chunked
+    bodies declare no length; FastAPI passes an HTTPException from here through as it is)."""
+    receive = request.receive
+    seen = 0
+
+    async def bounded() -> Any:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+        return message
+
+    return bounded
+
+
+def _json_safe(value: Any) -> Any:
+    """Validation errors echo the input; NaN and Infinity are not JSON, so they are echoed as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def get_cache(request: Request) -> SemanticCache:
@@ -118,7 +170,8 @@ router = APIRouter(
     lifespan=_lifespan,
     prefix="/v1/semcache",
     tags=["semcache"],
-    dependencies=[Depends(require_api_key), Depends(limit_body)],
+    dependencies=[Depends(require_api_key)],
+    route_class=_SemcacheRoute,
 )
 
 

@@ -22,7 +22,7 @@ from semcache.categories import Category, CategorySet
 from semcache.classify import CentroidClassifier, load_examples
 from semcache.config import SemcacheConfig
 from semcache.embed import Embedder
-from semcache.index_set import IndexSet
+from semcache.index_set import IndexSet, ScopeLimitReached
 from semcache.ledger import Ledger
 from semcache.load_policy import LoadPolicy
 from semcache.local_store import LocalStore
@@ -74,13 +74,15 @@ class SemanticCache:
     ) -> None:
         self.config = config or SemcacheConfig()
         self.embedder = embedder or Embedder(self.config.embedder)
-        self.categories = CategorySet(self.config.categories, self.config.default_category)
+        self.categories = CategorySet(
+            self.config.categories, self.config.default_category, self.config.limits.max_ttl_s
+        )
         self.store = store or self._make_store()
         self.policy = LoadPolicy(self.config.load)
         self.metrics = Metrics()
         self.verifier = self._make_verifier()
         self.classifier = self._make_classifier()
-        self.indexes = IndexSet(self.embedder.dim, self.config.index)
+        self.indexes = IndexSet(self.embedder.dim, self.config.index, self.config.max_scopes)
         self.ledger = Ledger()
         self._lock = threading.RLock()
         self._last_snapshot = time.monotonic()
@@ -142,7 +144,7 @@ class SemanticCache:
         added = 0
         for entry in sorted(self.store.scan(), key=lambda e: e.created):
             seen.setdefault(entry.scope, set()).add(entry.id)
-            index = self.indexes.ensure(entry.scope)
+            index = self.indexes.ensure(entry.scope, limited=False)
             if entry.id not in index:
                 index.add(entry.id, entry.vector)
                 added += 1
@@ -153,6 +155,7 @@ class SemanticCache:
                 index.remove(entry_id)
                 self.ledger.remove(scope, entry_id)
                 dropped += 1
+            self.indexes.drop_if_empty(scope)
         return added, dropped
 
     # ---- other processes on the same store ------------------------------------------------------------
@@ -178,9 +181,10 @@ class SemanticCache:
             index = self.indexes.get(scope)
             if index is not None:
                 index.remove(entry_id)
+                self.indexes.drop_if_empty(scope)
             self.ledger.remove(scope, entry_id)
         elif op == "put" and scope is None and doc is not None and not doc.expired():
-            self.indexes.ensure(doc.scope).add(doc.id, doc.vector)
+            self.indexes.ensure(doc.scope, limited=False).add(doc.id, doc.vector)
             self.ledger.add(doc.scope, doc.id, doc.nbytes, doc.expires)
 
     def _maybe_sync(self) -> None:
@@ -206,15 +210,20 @@ class SemanticCache:
         if raw is None:
             return
         try:
-            for row in json.loads(raw):
-                self.categories.update(**row)
-        except (ValueError, TypeError) as exc:
+            rows = json.loads(raw)
+        except ValueError as exc:
             log.warning("semcache: ignoring unreadable saved category settings: %s", exc)
+            return
+        for row in rows if isinstance(rows, list) else [rows]:
+            try:  # one bad row (an older version saved an infinite TTL) does not drop the others
+                self.categories.update(**row)
+            except (ValueError, TypeError) as exc:
+                log.warning("semcache: ignoring saved settings of a category: %s", exc)
 
     def update_category(self, name: str, **fields) -> Category:
         """Change (or add) a category, validated, saved in the store so restarts keep it."""
         cat = self.categories.update(name, **fields)
-        self.store.put_settings(json.dumps(self.categories.to_list()).encode())
+        self.store.put_settings(json.dumps(self.categories.to_list(), allow_nan=False).encode())
         with self._lock:
             for scope in self.ledger.scopes():
                 if scope.category == name:
@@ -439,7 +448,7 @@ class SemanticCache:
             vec,
             metadata,
             now,
-            now + (ttl_s or self.policy.ttl(cat, model)),
+            now + (ttl_s or min(self.policy.ttl(cat, model), self.config.limits.max_ttl_s)),
         )
         if entry.nbytes > cat.max_bytes:
             return InsertResult(
@@ -453,6 +462,9 @@ class SemanticCache:
         except StoreUnavailable as exc:
             self.metrics.count(cat.name, "store_errors")
             return InsertResult(False, cat.name, source, f"store unavailable: {exc}")
+        except ScopeLimitReached as exc:
+            self.metrics.count(cat.name, "scope_limit")
+            return InsertResult(False, cat.name, source, str(exc))
 
     def _store_entry(self, entry: Entry, cat: Category, source: str) -> InsertResult:
         scope = entry.scope
@@ -460,8 +472,8 @@ class SemanticCache:
             index = self.indexes.ensure(scope)
             dup = [i for i, s in index.search(entry.vector, 1) if s >= DUPLICATE_SIMILARITY]
             self.store.put(entry)
+            index.add(entry.id, entry.vector)  # before the duplicate goes: an emptied index is dropped
             self._remove(scope, dup, None)
-            index.add(entry.id, entry.vector)
             self.ledger.add(scope, entry.id, entry.nbytes, entry.expires)
             victims = self.ledger.over_quota(scope, cat.max_entries, cat.max_bytes)
             self._remove(scope, victims, "evictions")
@@ -480,6 +492,7 @@ class SemanticCache:
                 if index is not None:
                     index.remove(entry_id)
                 self.ledger.remove(scope, entry_id)
+            self.indexes.drop_if_empty(scope)  # frees its place under max_scopes
             try:
                 self.store.delete(ids)
             except StoreUnavailable:
@@ -559,6 +572,7 @@ class SemanticCache:
             )
         return {
             "entries": per_cat,
+            "index": self.indexes.usage(),
             "metrics": self.metrics.snapshot(),
             "flushes_detected": self.metrics.flushes_detected,
             "store": self.store.describe(),

@@ -8,6 +8,7 @@ under load; one marked `cacheable=False` is never stored or served.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ class Category:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ValueError(f"category name must match {_NAME.pattern}, got {self.name!r}")
+        for field in ("threshold", "ttl_s"):  # NaN and infinity pass comparisons they should fail
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{field} of {self.name!r} must be a finite number, got {value!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold of {self.name!r} must be in (0, 1], got {self.threshold}")
         if not self.ttl_s > 0:
@@ -68,17 +73,23 @@ DEFAULT_CATEGORIES: tuple[Category, ...] = (
 
 
 class CategorySet:
-    """The configured categories, one of which is the default; thread-safe updates."""
+    """The configured categories, one of which is the default; thread-safe updates.
+
+    `max_ttl_s` (the cache's `Limits.max_ttl_s`) caps every category's TTL as it caps an insert's."""
 
     def __init__(
-        self, categories: tuple[Category, ...] | list[Category] = DEFAULT_CATEGORIES, default: str = "default"
+        self,
+        categories: tuple[Category, ...] | list[Category] = DEFAULT_CATEGORIES,
+        default: str = "default",
+        max_ttl_s: float | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._cats: dict[str, Category] = {}
+        self.max_ttl_s = max_ttl_s
         for cat in categories:
             if cat.name in self._cats:
                 raise ValueError(f"category {cat.name!r} is configured twice")
-            self._cats[cat.name] = cat
+            self._cats[cat.name] = self._check_ttl(cat)
         if default not in self._cats:
             raise ValueError(f"default category {default!r} is not among {sorted(self._cats)}")
         self.default = default
@@ -109,8 +120,13 @@ class CategorySet:
         with self._lock:
             old = self._cats.get(name)
             new = dataclasses.replace(old, **fields) if old else Category(name=name, **fields)
-            self._cats[name] = new
+            self._cats[name] = self._check_ttl(new)
         return new
+
+    def _check_ttl(self, cat: Category) -> Category:
+        if self.max_ttl_s is not None and cat.ttl_s > self.max_ttl_s:
+            raise ValueError(f"ttl_s of {cat.name!r} must be <= max_ttl_s {self.max_ttl_s}, got {cat.ttl_s}")
+        return cat
 
     def to_list(self) -> list[dict]:
         return [c.to_dict() for c in self._cats.values()]

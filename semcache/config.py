@@ -33,6 +33,10 @@ class SemcacheConfig:
     verify: bool = True
     verifier_path: str | None = None  # None = the weights shipped with the package
     verifier_cut: float | None = None  # None = the cut stored with the weights
+    # Indexes held at once, one per (tenant, model, category): tenant names are free-form, so this is
+    # the bound on the total. An empty scope costs ~8 KiB (measured); a scope that opens past the
+    # limit refuses the insert (stored: false, naming max_scopes), lookups of unknown scopes miss.
+    max_scopes: int | None = 10_000
     candidates: int = 4  # neighbours checked per lookup: the nearest may be expired or refused
     snapshot_interval_s: float = 300.0  # also saved on close; 0 = only on close
     sync_interval_s: float = 1.0  # how often a lookup first replays other processes' inserts/deletes
@@ -42,6 +46,8 @@ class SemcacheConfig:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        if self.max_scopes is not None and self.max_scopes < 1:
+            raise ValueError(f"max_scopes must be >= 1 (or None: unbounded), got {self.max_scopes}")
         if not 1 <= self.candidates <= 64:
             raise ValueError(f"candidates must be in [1, 64], got {self.candidates}")
         if not 0.0 <= self.min_category_score <= 1.0:

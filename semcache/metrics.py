@@ -18,6 +18,7 @@ COUNTERS = (
     "evictions",
     "not_cacheable",
     "store_errors",
+    "scope_limit",  # inserts refused: max_scopes scopes exist
 )
 
 

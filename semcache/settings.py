@@ -17,6 +17,7 @@ class SemcacheSettings(BaseSettings):
     verify: bool = True
     verifier_cut: float | None = None
     max_body_bytes: int = 512 * 1024  # a request larger than this is refused with 413 before parsing
+    max_scopes: int = 10_000  # (tenant, model, category) indexes held at once; past it inserts are refused
 
     def cache_config(self) -> SemcacheConfig:
         return SemcacheConfig(
@@ -26,4 +27,5 @@ class SemcacheSettings(BaseSettings):
             classifier_examples=self.classifier_examples or None,
             verify=self.verify,
             verifier_cut=self.verifier_cut,
+            max_scopes=self.max_scopes,
         )

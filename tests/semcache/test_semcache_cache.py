@@ -164,6 +164,35 @@ def test_quotas_hold_under_many_inserts(make_cache, redis_url, redis_prefix):
     assert cache.stats()["entries"]["small"]["entries"] == 2
 
 
+def test_scope_count_is_bounded_and_small_scopes_cost_little(make_cache):
+    cache = make_cache(verify=False, max_scopes=250)
+    vec = cache.embedder.embed_one(Q)
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    for i in range(200):  # the reviewer's case: one insert each for tenants t0..t199
+        assert cache.insert(Q, "A", f"t{i}", category="default", vector=vec).stored
+    with open("/proc/self/status") as f:
+        grown = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024 - before
+    assert grown < 40, f"200 one-entry scopes grew RSS by {grown:.0f} MiB"  # was ~500 MiB
+    assert cache.stats()["index"] == {
+        "scopes": 200,
+        "max_scopes": 250,
+        "hnsw_scopes": 0,
+        "bytes_estimated": 200 * 4 * 384 * 4,
+    }
+    for i in range(200, 250):
+        assert cache.insert(Q, "A", f"t{i}", category="default", vector=vec).stored
+    refused = cache.insert(Q, "A", "t250", category="default", vector=vec)
+    assert not refused.stored and "max_scopes" in refused.reason and "250" in refused.reason
+    assert cache.insert(Q, "B", "t7", category="default", vector=vec).stored  # an existing scope: fine
+    miss = cache.lookup(Q, "t250", category="default", vector=vec)
+    assert not miss.hit and miss.reason == "nothing cached in this scope"
+    assert cache.stats()["metrics"]["default"]["scope_limit"] == 1
+    assert cache.invalidate("t0") == 1  # its scope is dropped, which frees a place
+    assert cache.insert(Q, "A", "t250", category="default", vector=vec).stored
+    assert len(cache.indexes) == 250
+
+
 def test_index_survives_restart_and_is_rebuilt_from_redis(make_cache, tmp_path):
     cache = make_cache()
     qs = [f"How do I grow {plant} on a balcony?" for plant in ("tomatoes", "basil", "chillies", "mint")]
@@ -238,6 +267,46 @@ def test_bad_inputs_get_clear_errors_and_change_nothing(make_cache):
             call()
     assert cache.lookup(Q, "t").answer == "kept"
     assert cache.stats()["entries"]["psychology"]["entries"] == 1
+
+
+def test_category_ttl_is_finite_and_capped_also_when_saved_or_relaxed(embedder, tmp_path):
+    from semcache.cache import SemanticCache
+    from semcache.config import SemcacheConfig
+    from semcache.limits import Limits
+
+    cfg = SemcacheConfig(folder=str(tmp_path / "f"), classifier_examples=None, verify=False)
+    cache = SemanticCache(cfg, embedder=embedder)
+    for value in (float("inf"), float("nan"), 91 * 86400.0):
+        with pytest.raises(ValueError, match="ttl_s of 'zz'"):
+            cache.update_category("zz", ttl_s=value)
+    with pytest.raises(ValueError, match="threshold of 'zz'"):
+        cache.update_category("zz", threshold=float("nan"))
+    assert "zz" not in cache.categories
+    cache.update_category("zz", ttl_s=3600)
+    saved = tmp_path / "f" / "documents" / "categories.json"
+    rows = json.loads(saved.read_text())
+    # An older version saved `Infinity` (not JSON); such a row is skipped at start, the others are kept.
+    rows.append({**rows[-1], "name": "bad", "ttl_s": float("inf")})
+    saved.write_text(json.dumps(rows))
+    cache.close()
+    again = SemanticCache(cfg, embedder=embedder)
+    assert again.categories.get("zz").ttl_s == 3600 and "bad" not in again.categories
+    # The load policy doubles a category's TTL; the result stays within max_ttl_s.
+    capped = SemanticCache(
+        SemcacheConfig(
+            folder=None,
+            classifier_examples=None,
+            verify=False,
+            categories=(Category("default", ttl_s=4000),),
+            limits=Limits(max_ttl_s=5000.0),
+        ),
+        embedder=embedder,
+    )
+    capped.set_load("default", 0.9)
+    res = capped.insert(Q, "A", "t")
+    assert res.stored and res.expires - time.time() == pytest.approx(5000, abs=60)
+    again.close()
+    capped.close()
 
 
 def test_private_category_is_never_cached_and_duplicates_replace(make_cache):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -117,6 +119,73 @@ def test_rest_errors_and_auth(server):
     assert r.status_code == 422
     r = httpx.put(url + "/categories/health", json={"threshold": 7}, headers=h)
     assert r.status_code == 422 and "threshold" in r.text
+
+
+def _send_raw(url: str, head: str, parts: list[bytes]) -> tuple[bytes, float]:
+    """Send a request's head and only these body parts (never the rest), then read the reply: a server
+    that waits for the whole body never answers (socket timeout)."""
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head.encode())
+        for part in parts:
+            sock.sendall(part)
+        reply = b""
+        try:
+            while b"\r\n\r\n" not in reply:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        except TimeoutError:
+            pass
+        return reply, time.monotonic() - t0
+
+
+def test_oversized_body_refused_before_it_is_read(server):
+    head = (
+        "POST /v1/semcache/lookup HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n"
+        "Content-Type: application/json\r\n{length}\r\n"
+    )
+    # 24 MB declared (under the server's global limit, over semcache's 64 KiB here), 20 bytes sent.
+    declared = head.format(key=KEY, length="Content-Length: 24000000\r\n")
+    reply, took = _send_raw(server, declared, [b'{"question": "why",'])
+    assert reply.startswith(b"HTTP/1.1 413") and took < 5, (reply[:200], took)
+    # Chunked: 80 KiB sent in 16 KiB chunks, no final chunk; refused once it crossed 64 KiB.
+    chunked = head.format(key=KEY, length="Transfer-Encoding: chunked\r\n")
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+    reply, took = _send_raw(server, chunked, [chunk] * 5)
+    assert reply.startswith(b"HTTP/1.1 413") and took < 5, (reply[:200], took)
+    # Under the limit, chunked or not, a body is read and served as before.
+    small = json.dumps({"question": Q, "tenant": "acme"}).encode()
+    body = hex(len(small))[2:].encode() + b"\r\n" + small + b"\r\n0\r\n\r\n"
+    reply, _ = _send_raw(server, chunked, [body])
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+
+
+def test_category_numbers_must_be_finite_over_http(server):
+    h = {"X-API-Key": KEY, "content-type": "application/json"}
+    url = server + "/v1/semcache"
+    # Python's JSON parser reads these tokens; they used to pass as a never-expiring TTL.
+    for raw, field in [
+        (b'{"ttl_s":Infinity}', "ttl_s"),
+        (b'{"ttl_s":NaN}', "ttl_s"),
+        (b'{"threshold":NaN}', "threshold"),
+        (b'{"ttl_s":1e400}', "ttl_s"),
+    ]:
+        r = httpx.put(url + "/categories/zz", content=raw, headers=h, timeout=60)
+        assert r.status_code == 422 and field in r.text and "finite" in r.text, (raw, r.status_code, r.text)
+    r = httpx.put(url + "/categories/zz", json={"ttl_s": 91 * 86400}, headers=h, timeout=60)
+    assert r.status_code == 422 and "max_ttl_s" in r.text, r.text
+    r = httpx.post(
+        url + "/insert",
+        content=b'{"question":"q","answer":"a","tenant":"t","ttl_s":Infinity}',
+        headers=h,
+        timeout=60,
+    )
+    assert r.status_code == 422 and "ttl_s" in r.text, r.text
+    names = [c["name"] for c in httpx.get(url + "/categories", headers=h, timeout=60).json()["categories"]]
+    assert "zz" not in names
 
 
 def _cli(env: dict, *args: str) -> dict:

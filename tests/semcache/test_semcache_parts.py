@@ -49,15 +49,17 @@ def _unit(rng, n, dim=16):
 def test_index_grows_deletes_rebuilds_and_persists(tmp_path):
     rng = np.random.default_rng(0)
     vecs = _unit(rng, 300)
-    index = VectorIndex(16, IndexParams(initial_capacity=8, rebuild_deleted_fraction=0.25))
+    params = IndexParams(initial_capacity=8, hnsw_min_entries=64, rebuild_deleted_fraction=0.25)
+    index = VectorIndex(16, params)
     for i, v in enumerate(vecs):
-        index.add(f"e{i}", v)  # 8 -> 512 by doubling
-    assert len(index) == 300
+        index.add(f"e{i}", v)  # a matrix up to 64 entries, then a graph of 128 -> 512 by doubling
+    assert len(index) == 300 and index.kind == "hnsw"
     assert index.search(vecs[123], 1)[0][0] == "e123"
     for i in range(0, 200):
         assert index.remove(f"e{i}")
     assert not index.remove("e0")
     assert len(index) == 100 and index._deleted < 0.25 * index._next  # rebuilt, tombstones gone
+    assert index.kind == "hnsw"
     hits = index.search(vecs[5], 5)
     assert all(int(h[0][1:]) >= 200 for h in hits)  # a deleted entry is never returned
     assert index.search(vecs[250], 1)[0] == ("e250", pytest.approx(1.0, abs=1e-5))
@@ -69,9 +71,72 @@ def test_index_grows_deletes_rebuilds_and_persists(tmp_path):
         index.search(np.zeros(8, np.float32), 1)
     with pytest.raises(ValueError, match="already indexed"):
         index.add("e250", vecs[0])
+    assert again.kind == "hnsw"
     (tmp_path / "ix" / "meta.json").write_text("{broken")
     with pytest.raises(ValueError, match="unreadable"):
         VectorIndex.load(tmp_path / "ix")
+
+
+def test_small_index_is_an_exact_matrix_grown_by_doubling(tmp_path):
+    rng = np.random.default_rng(1)
+    vecs = _unit(rng, 100)
+    params = IndexParams(initial_capacity=4, hnsw_min_entries=64)
+    index = VectorIndex(16, params)
+    assert index.kind == "flat" and index.nbytes() == 4 * 16 * 4  # 4 rows, not 1,024
+    for i, v in enumerate(vecs[:40]):
+        index.add(f"e{i}", v)
+    assert index.kind == "flat" and index.nbytes() == 64 * 16 * 4  # 4 -> 64 rows by doubling
+    exact = np.argsort(-(vecs[:40] @ vecs[7]))[:5]
+    assert [i for i, _ in index.search(vecs[7], 5)] == [f"e{j}" for j in exact]
+    assert index.search(vecs[7], 1)[0][1] == pytest.approx(1.0, abs=1e-5)
+    for i in range(0, 40, 2):
+        assert index.remove(f"e{i}")
+    assert not index.remove("e0") and len(index) == 20 and "e0" not in index
+    assert all(int(i[1:]) % 2 for i, _ in index.search(vecs[0], 20))  # removed entries never return
+    index.save(tmp_path / "flat")
+    again = VectorIndex.load(tmp_path / "flat")
+    assert again.kind == "flat" and sorted(again.ids()) == sorted(index.ids())
+    assert again.search(vecs[9], 1)[0][0] == "e9"
+    for i, v in enumerate(vecs[40:], start=40):
+        again.add(f"e{i}", v)
+    assert again.kind == "hnsw" and len(again) == 80  # promoted past 64 entries
+    for i in range(40, 100):
+        again.remove(f"e{i}")
+    assert again.kind == "flat" and len(again) == 20  # a rebuild below 32 entries goes back
+    assert again.search(vecs[11], 1)[0][0] == "e11"
+
+
+def test_snapshot_of_a_small_graph_loads_as_a_matrix(tmp_path):
+    """Snapshots saved before small scopes stayed exact hold 1,024-element graphs: loaded as matrices."""
+    rng = np.random.default_rng(2)
+    vecs = _unit(rng, 10)
+    index = VectorIndex(16, IndexParams(hnsw_min_entries=2))
+    for i, v in enumerate(vecs):
+        index.add(f"e{i}", v)
+    assert index.kind == "hnsw"
+    index.save(tmp_path / "ix")
+    again = VectorIndex.load(tmp_path / "ix", IndexParams())
+    assert again.kind == "flat" and again.search(vecs[3], 1)[0][0] == "e3"
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_many_small_indexes_cost_little_memory():
+    """200 one-entry indexes of 384 dimensions: each hnswlib graph held ~2.5 MiB (500 MiB in all)."""
+    rng = np.random.default_rng(3)
+    vecs = _unit(rng, 200, dim=384)
+    before = _rss_mib()
+    kept = []
+    for i, v in enumerate(vecs):
+        index = VectorIndex(384)
+        index.add(f"e{i}", v)
+        kept.append(index)
+    grown = _rss_mib() - before
+    assert grown < 20, f"200 small indexes grew RSS by {grown:.0f} MiB"
+    assert sum(i.nbytes() for i in kept) == 200 * 4 * 384 * 4
 
 
 def _entry(i: int, tenant: str = "t", expires: float | None = None) -> Entry:
@@ -166,6 +231,35 @@ def test_categories_validate_and_update():
     assert cats.update("fresh", threshold=0.8).name in cats.names()
     with pytest.raises(ValueError, match="default category"):
         CategorySet([Category("a")], default="b")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ttl_s", float("inf")),
+        ("ttl_s", float("nan")),
+        ("threshold", float("nan")),
+        ("threshold", float("inf")),
+    ],
+)
+def test_category_numbers_must_be_finite(field, value):
+    with pytest.raises(ValueError, match=f"{field} of 'zz' must be a finite number"):
+        Category("zz", **{field: value})
+    cats = CategorySet(max_ttl_s=90 * 86400.0)
+    with pytest.raises(ValueError, match=field):
+        cats.update("zz", **{field: value})
+    with pytest.raises(ValueError, match=field):
+        cats.update("health", **{field: value})
+    assert "zz" not in cats and cats.get("health").ttl_s == 6 * 3600.0  # nothing changed
+
+
+def test_category_ttl_capped_like_an_inserts():
+    cats = CategorySet(max_ttl_s=90 * 86400.0)
+    assert cats.update("zz", ttl_s=90 * 86400.0).ttl_s == 90 * 86400.0
+    with pytest.raises(ValueError, match="ttl_s of 'zz' must be <= max_ttl_s"):
+        cats.update("zz", ttl_s=91 * 86400.0)
+    with pytest.raises(ValueError, match="ttl_s of 'long' must be <= max_ttl_s"):
+        CategorySet([Category("default"), Category("long", ttl_s=1e9)], max_ttl_s=86400.0)
 
 
 def test_classifier_cross_validated_accuracy(embedder, shared_data):
