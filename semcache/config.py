@@ -34,8 +34,9 @@ class SemcacheConfig:
     verifier_path: str | None = None  # None = the weights shipped with the package
     verifier_cut: float | None = None  # None = the cut stored with the weights
     # Indexes held at once, one per (tenant, model, category): tenant names are free-form, so this is
-    # the bound on the total. An empty scope costs ~8 KiB (measured); a scope that opens past the
-    # limit refuses the insert (stored: false, naming max_scopes), lookups of unknown scopes miss.
+    # the bound on the total. A one-entry scope costs ~8 KiB (index and ledger, measured); an insert
+    # that would open one more is refused (stored: false, naming max_scopes); lookups of unknown
+    # scopes miss.
     max_scopes: int | None = 10_000
     candidates: int = 4  # neighbours checked per lookup: the nearest may be expired or refused
     snapshot_interval_s: float = 300.0  # also saved on close; 0 = only on close
