@@ -24,7 +24,7 @@ import torch
 import xxhash
 
 from kvstore.layout import PLAIN, KVLayout, dtype_from_name, dtype_name
-from kvstore.wire import raw_bytes
+from kvstore.wire import check_shape, raw_bytes
 
 MAGIC = b"KVF1"
 _PREFIX = struct.Struct("<4sIQ")
@@ -72,6 +72,8 @@ class Entry:
             self.layout.check_kv(self.tensors[KV])
         if self.positions is not None:
             self._check_positions()
+        if not isinstance(self.meta, dict) or not all(isinstance(k, str) for k in self.meta):
+            raise TypeError(f"entry meta must be a map with str keys, got {self.meta!r:.80}")
 
     def _check_positions(self) -> None:
         p = self.positions
@@ -255,13 +257,16 @@ def read_header(prefix: bytes, read: Callable[[int], bytes]) -> dict[str, Any]:
 def _read_tensors(view: memoryview, header: dict[str, Any], at: int) -> tuple[dict[str, torch.Tensor], int]:
     tensors = {}
     copy = view.readonly
-    for spec in header.get("tensors") or []:
+    specs = header.get("tensors") or []
+    if not isinstance(specs, list):
+        raise CorruptEntry(f"entry 'tensors' must be a list of descriptions, got {type(specs).__name__}")
+    for spec in specs:
         try:
-            dtype = dtype_from_name(spec["dtype"])
-            shape = [int(s) for s in spec["shape"]]
             name = spec["name"]
+            dtype = dtype_from_name(spec["dtype"])
+            shape = check_shape(name, spec["shape"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptEntry(f"bad tensor description {spec!r}: {e}") from e
+            raise CorruptEntry(f"bad tensor description {spec!r:.200}: {e}") from e
         count = 1
         for s in shape:
             count *= s

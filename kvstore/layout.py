@@ -43,6 +43,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: Any) -> torch.dtype:
     """The torch dtype for a stored name; ValueError for unknown names."""
+    if not isinstance(name, str):
+        raise ValueError(f"dtype must be a name (str), got {name!r:.80}; allowed: {sorted(DTYPES_BY_NAME)}")
     try:
         return DTYPES_BY_NAME[name]
     except KeyError:
@@ -164,6 +166,13 @@ class KVLayout:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KVLayout:
         """Inverse of to_dict; ValueError naming the field when one is missing or bad."""
+        if not isinstance(d, dict):
+            raise ValueError(f"layout must be a map, got {type(d).__name__}")
+        params = d.get("params", ())
+        if not isinstance(params, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in params
+        ):
+            raise ValueError(f"layout params must be a list of [name, value] pairs, got {params!r:.100}")
         try:
             return cls(
                 num_layers=d["num_layers"],
@@ -172,7 +181,7 @@ class KVLayout:
                 dtype=dtype_from_name(d["dtype"]),
                 chunk_tokens=d["chunk_tokens"],
                 method=d.get("method", PLAIN),
-                params=tuple(tuple(p) for p in d.get("params", ())),
+                params=tuple(tuple(p) for p in params),
             )
         except KeyError as e:
             raise ValueError(f"layout is missing field {e.args[0]!r}: {d!r}") from None

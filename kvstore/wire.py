@@ -31,6 +31,7 @@ CONTENT_TYPE = "application/x-kvfuse-frame"
 ENTRY_CONTENT_TYPE = "application/x-kvfuse-entry"
 MAX_TENSORS = 16
 MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 40  # far above any body the server accepts; keeps strides within int64
 
 Buffers = list[bytes | memoryview]
 
@@ -189,17 +190,29 @@ def _tensor_specs(raw: Any) -> list[tuple[str, torch.dtype, list[int], int]]:
     for spec in raw:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ValueError(f"bad tensor description {spec!r:.200}")
-        shape = spec.get("shape")
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
-            raise ValueError(f"tensor {spec['name']!r}: shape must be a list of at most {MAX_DIMS} ints")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise ValueError(f"tensor {spec['name']!r}: shape {shape!r} must hold ints >= 0")
+        shape = check_shape(spec["name"], spec.get("shape"))
         dtype = dtype_from_name(spec.get("dtype"))
         count = 1
         for s in shape:
             count *= s
         specs.append((spec["name"], dtype, shape, count * torch.empty((), dtype=dtype).element_size()))
     return specs
+
+
+def check_shape(name: str, shape: Any) -> list[int]:
+    """A tensor shape from a header: a list of at most MAX_DIMS ints >= 0 whose element count, with
+    zero dimensions left out, stays below MAX_ELEMENTS (an empty tensor of huge other dimensions would
+    overflow torch's strides); ValueError naming the tensor and the shape otherwise."""
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise ValueError(f"tensor {name!r}: shape {shape!r:.100} must be a list of at most {MAX_DIMS} ints")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r:.100} must hold whole numbers >= 0")
+    count = 1
+    for s in shape:
+        count *= max(s, 1)
+    if count > MAX_ELEMENTS:
+        raise ValueError(f"tensor {name!r}: shape {shape!r:.100} has more than {MAX_ELEMENTS} elements")
+    return shape
 
 
 def _tensor(raw: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

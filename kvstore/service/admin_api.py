@@ -152,8 +152,19 @@ def _describe(entry: Entry) -> dict[str, Any]:
         "positions": None
         if positions is None or positions.numel() == 0
         else {"first": int(positions[0]), "last": int(positions[-1]), "count": positions.numel()},
-        "meta": {k: v if not isinstance(v, bytes) else v.hex() for k, v in entry.meta.items()},
+        "meta": _jsonable(entry.meta),
     }
+
+
+def _jsonable(value: Any) -> Any:
+    """msgpack meta as JSON: bytes as hex at any depth, map keys as str."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 @router.get("/entries/{key}", dependencies=guarded)

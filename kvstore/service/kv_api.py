@@ -59,7 +59,15 @@ async def _frame(request: Request) -> tuple[dict[str, Any], dict]:
 
 
 def _connector(store: TieredStore, header: dict[str, Any]) -> KVConnector:
-    return KVConnector(store, namespace_from(header.get("namespace")), bool(header.get("partial", True)))
+    return KVConnector(store, namespace_from(header.get("namespace")), _flag(header, "partial", True))
+
+
+def _flag(header: dict[str, Any], name: str, default: bool) -> bool:
+    """A true/false header field; ValueError for anything else (the string "false" is not false)."""
+    value = header.get(name, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name!r} must be true or false, got {value!r:.40}")
+    return value
 
 
 def _kv(tensors: dict) -> Any:
@@ -131,7 +139,7 @@ async def put_segment(request: Request, store: Store) -> Response:
         connector = _connector(store, header)
         tokens = tokens_from(header.get("tokens"))
         positions = positions_from(header.get("positions"))
-        return connector.put_segment(tokens, _kv(tensors), positions, pin=bool(header.get("pin", False)))
+        return connector.put_segment(tokens, _kv(tensors), positions, pin=_flag(header, "pin", False))
 
     return frame_response({"key": await run(work)}, status_code=201)
 
@@ -190,7 +198,7 @@ def _decode_all(header: dict[str, Any], tensors: dict) -> list[Entry]:
 async def put_entries(request: Request, store: Store) -> Response:
     header, tensors = await _frame(request)
     entries = bad_request(_decode_all, header, tensors)
-    pin = bool(header.get("pin", False))
+    pin = bad_request(_flag, header, "pin", False)
     # copy: a stored entry must not keep the whole batch body alive
     await run(lambda: _put_all(store, entries, pin))
     return frame_response({"stored": len(entries)}, status_code=201)

@@ -58,7 +58,8 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     lm_port: int | None = Field(None, ge=0, le=65535)  # LMCache lm:// listener; None: off
     api_key: SecretStr | None = None
-    max_body_bytes: Size = 256 << 20
+    # at least 64 KiB: a smaller limit would refuse the admin call that raises it again
+    max_body_bytes: Annotated[Size, Field(ge=64 << 10)] = 256 << 20
     # large bodies read straight into their buffer by our uvicorn protocol; off: uvicorn's own path
     bulk_bodies: bool = True
     log_level: str = "info"

@@ -118,3 +118,55 @@ def test_bad_entries_are_refused_with_the_bad_value_named():
         Entry.plain("k", SMOL, good, torch.arange(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="cannot be stored"):
         Entry("k", SMOL.with_method("x"), {"a": torch.zeros(2, dtype=torch.complex64)})
+
+
+def _forged(header: dict, payload: bytes = b"") -> bytes:
+    """Entry bytes with a hand-made header and a valid checksum (what a client may send)."""
+    import msgpack
+    import xxhash
+
+    from kvstore.format import _PREFIX, MAGIC
+
+    raw = msgpack.packb(header)
+    return _PREFIX.pack(MAGIC, len(raw), xxhash.xxh3_64_intdigest(raw + payload)) + raw + payload
+
+
+@pytest.mark.parametrize(
+    ("shape", "named"),
+    [
+        ([-2, -2, 4, 1, 4], "whole numbers >= 0"),
+        ([-1, 0], "whole numbers >= 0"),
+        ([2.5], "whole numbers >= 0"),  # was truncated to 2 and stored
+        ([0, 2**40, 2**40, 2**40], "more than"),  # an empty tensor whose strides overflow
+        ([0, 2**63], "more than"),
+        ("abc", "must be a list"),
+    ],
+)
+def test_forged_shapes_are_corrupt_entries_not_crashes(shape, named):
+    layout = SMOL.with_method("x").to_dict()
+    header = {"key": "k", "layout": layout, "tensors": [{"name": "a", "dtype": "float16", "shape": shape}]}
+    with pytest.raises(CorruptEntry, match=named):
+        decode(_forged(header, b"\0" * 8))
+
+
+def test_forged_header_fields_are_named():
+    layout = SMOL.with_method("x").to_dict()
+    with pytest.raises(CorruptEntry, match="dtype must be a name"):
+        decode(
+            _forged({"key": "k", "layout": layout, "tensors": [{"name": "a", "dtype": [1], "shape": [1]}]})
+        )
+    with pytest.raises(CorruptEntry, match="'tensors' must be a list"):
+        decode(_forged({"key": "k", "layout": layout, "tensors": 5}))
+    with pytest.raises(CorruptEntry, match="params must be a list of"):
+        decode(_forged({"key": "k", "layout": {**layout, "params": {"a": 1}}, "tensors": []}))
+
+
+def test_forged_frame_shapes_are_value_errors():
+    import msgpack
+
+    from kvstore.wire import _PREFIX, MAGIC, decode_frame
+
+    for shape in ([0, 2**40, 2**40, 2**40], [-1, 3], [1.5, 3]):
+        header = msgpack.packb({"tensors": [{"name": "a", "dtype": "float16", "shape": shape}]})
+        with pytest.raises(ValueError, match="shape"):
+            decode_frame(_PREFIX.pack(MAGIC, len(header)) + header)

@@ -57,6 +57,8 @@ def test_list_is_paged_and_inspect_moves_nothing(server):
     assert info["positions"] == {"first": 0, "last": 15, "count": 16}
     assert info["layout"]["chunk_tokens"] == 16
     assert client.stats()["tiers"]["host"]["hits"] == hits  # inspecting is not a hit
+    client.put(Entry.plain("page-meta", LAYOUT, kv(4), a=[b"\xff\xfe", {"b": b"\x01"}], n=3))
+    assert client.inspect("page-meta")["meta"] == {"a": ["fffe", {"b": "01"}], "n": 3}  # bytes at any depth
     with pytest.raises(KeyError):
         client.inspect("page-absent")
     with pytest.raises(ValueError, match="limit"):
@@ -146,6 +148,8 @@ def test_config_read_and_live_write(scratch):
         with pytest.raises(ValueError):
             client.set_config(max_body_bytes="lots")
         assert client.config()["settings"]["max_body_bytes"] == 2 << 20  # a failed change changes nothing
+        with pytest.raises(ValueError, match="max_body_bytes"):
+            client.set_config(max_body_bytes=0)  # would lock out every later PATCH (413)
     finally:
         client.set_config(**{k: config["settings"][k] for k in ("max_body_bytes", "write_through")})
 

@@ -129,6 +129,22 @@ def test_oversized_bodies_get_413(secured, keyed):
     assert _snapshot(keyed) == before
 
 
+def _forged_entry(key: str, shape: list) -> bytes:
+    """Entry bytes with a valid checksum around a hand-made header (what a hostile client can send)."""
+    import xxhash
+
+    from kvstore.format import _PREFIX, MAGIC
+
+    header = {
+        "key": key,
+        "layout": LAYOUT.with_method("x").to_dict(),
+        "tensors": [{"name": "a", "dtype": "float16", "shape": shape}],
+    }
+    raw = msgpack.packb(header)
+    payload = bytes(64)
+    return _PREFIX.pack(MAGIC, len(raw), xxhash.xxh3_64_intdigest(raw + payload)) + raw + payload
+
+
 def _bad_bodies() -> dict[str, tuple[str, str, bytes, int]]:
     entry = encode_bytes(Entry.plain("sec-new", LAYOUT, kv(16, seed=3)))
     flipped = bytearray(entry)
@@ -197,6 +213,34 @@ def _bad_bodies() -> dict[str, tuple[str, str, bytes, int]]:
             + h,
             400,
         ),
+        "empty tensor with overflowing strides": (
+            "POST",
+            "/v1/kv/lookup",
+            b"KVW1"
+            + len(
+                h := msgpack.packb(
+                    {
+                        **store,
+                        "tensors": [{"name": "x", "dtype": "float16", "shape": [0, 2**40, 2**40, 2**40]}],
+                    }
+                )
+            ).to_bytes(4, "little")
+            + h,
+            400,
+        ),
+        "forged entry shape": (
+            "PUT",
+            "/v1/kv/entries/sec-new",
+            _forged_entry("sec-new", [-2, -2, 4, 1, 4]),
+            400,
+        ),
+        "string pin": (
+            "POST",
+            "/v1/kv/segments/put",
+            _frame({**store, "pin": "false"}, {"kv": good_kv}),
+            400,
+        ),
+        "string partial": ("POST", "/v1/kv/lookup", _frame({**store, "partial": "no"}), 400),
         "bad batch key": ("POST", "/v1/kv/entries/get", _frame({"keys": ["ok", "a/b"]}), 400),
         "admin json": ("POST", "/v1/admin/evict", b"{not json", 422),
         "admin extra field": ("POST", "/v1/admin/pin", json.dumps({"key": "x", "oops": 1}).encode(), 422),
