@@ -3,10 +3,10 @@
 Everything is measured side by side in one run against the same model with its full cache:
 - passkey and needle (in MuSiQue passages) accuracy per input length and LouisKV budget, plus LouisKV
   retrieving at every step and with the short-answer taus (`ANSWER_TAU`) at the middle budget; every
-  method decodes from the same full prefill of a probe, and the LouisKV variants share its k-means units
-  (identical: the clustering depends on neither budget nor tau). With `results`, each probe's rows are
-  appended to a JSONL file as soon as it is done, probes already there are skipped (a run resumes), and
-  `stop_at` (a unix time) stops starting new probes;
+  method decodes from the same full prefill of a probe, and the LouisKV variants read the prompt units
+  the first one put in the store (identical: the clustering depends on neither budget nor tau). With
+  `results`, each probe's rows are appended to a JSONL file as soon as it is done, probes already there
+  are skipped (a run resumes), and `stop_at` (a unix time) stops starting new probes;
 - long-output agreement: greedy match length of LouisKV (default tau, and every step) vs the full cache;
 - ReKV: block recall@k (per layer, averaged) and answer accuracy for facts planted at known blocks;
 - per configuration: retrievals per (layer, token), bytes fetched from the store, decode ms per token.
@@ -84,18 +84,19 @@ def _decode(engine: Engine, logits, cache, n: int, attention=None) -> tuple[list
 
 
 def _louiskv_run(
-    engine, out, n, budget, tau, labels=None
-) -> tuple[list[int], float, dict[str, Any], list[torch.Tensor]]:
-    """Decode `n` tokens with LouisKV from the full prefill `out` (reusing k-means `labels` if given);
-    returns the tokens, ms/token, the stats (with `offload_s`) and the labels."""
-    r = LouisKV(engine, LouisKVConfig(budget=budget, tau=tau), _store())
+    engine, out, n, budget, tau, units_from: LouisKV | None = None
+) -> tuple[list[int], float, dict[str, Any], LouisKV]:
+    """Decode `n` tokens with LouisKV from the full prefill `out` (reading the prompt's units from
+    `units_from` if given); returns the tokens, ms/token, the stats (with `offload_s`) and the retriever
+    (not released: the caller releases it)."""
+    store = _store() if units_from is None else units_from.store
+    r = LouisKV(engine, LouisKVConfig(budget=budget, tau=tau), store)
     start = time.perf_counter()
-    cache = r.offload(out.cache.clone(), labels=labels)
+    cache = r.offload(out.cache.clone(), units_from=units_from)
     offload_s = time.perf_counter() - start
     new, ms = _decode(engine, out.logits[0, -1], cache, n, r.attention)
     stats = dict(r.stats.as_dict(), offload_s=offload_s)
-    r.release()
-    return new, ms, stats, r.labels
+    return new, ms, stats, r
 
 
 def _variants(cfg: BenchConfig) -> list[tuple[str, int, float | tuple[float, ...]]]:
@@ -164,9 +165,13 @@ def _probe_rows(
             prefill_s=time.perf_counter() - start,
         )
     ]
-    labels = None
+    first: LouisKV | None = None  # its prompt units serve the other variants (same clustering)
     for name, budget, tau in _variants(cfg):
-        new, ms, stats, labels = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau, labels)
+        new, ms, stats, r = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau, first)
+        if first is None:
+            first = r
+        else:
+            r.release()
         rows.append(
             dict(
                 base,
@@ -178,6 +183,8 @@ def _probe_rows(
                 **_counters(stats),
             )
         )
+    if first is not None:
+        first.release()
     return rows
 
 
@@ -197,7 +204,8 @@ def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str,
     full, full_ms = _decode(engine, out.logits[0, -1], out.cache.clone(), n)
     result: dict[str, Any] = dict(prompt_tokens=len(prompt.ids), tokens=n, full_ms_per_token=full_ms)
     for name, tau in (("louiskv", LouisKVConfig().tau), ("every_step", EVERY_STEP)):
-        new, ms, stats = _louiskv_run(engine, out, n, cfg.long_budget, tau)
+        new, ms, stats, r = _louiskv_run(engine, out, n, cfg.long_budget, tau)
+        r.release()
         result[name] = dict(
             match_length=_match(full, new), same_tokens=_same(full, new), ms_per_token=ms, **_counters(stats)
         )

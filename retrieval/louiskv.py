@@ -32,7 +32,7 @@ from retrieval.calibrate import TRIGGERS
 from retrieval.kmeans import groups, kmeans
 from retrieval.offload import Unit
 from retrieval.subset import subset_attention
-from retrieval.units import UnitPool
+from retrieval.units import PoolSnapshot, UnitPool
 from retrieval.working import WorkingSet
 
 # Calibrated for SmolLM2-135M-Instruct with `calibrate_tau` (trigger "adjacent", target 30%, 3 MuSiQue
@@ -46,8 +46,11 @@ DEFAULT_TAU = (
 # The same calibration on short answers, the decode the accuracy probes make: 12 MuSiQue questions over
 # their own passages (items 100-111, 3.6-3.8K tokens; the probes draw passages from items 0-59 only), 16
 # tokens decoded, target 30% counting the mandatory first-step retrieval (`include_first=True`). On those
-# decodes DEFAULT_TAU retrieved on 43% of (layer, step) pairs after the first step and 46% with it: the
-# first tokens of an answer move the query more than a long output's running text does.
+# decodes DEFAULT_TAU retrieved on 43% of (layer, step) pairs after the first step and 46% with it, about
+# evenly over the answer (44% at steps 1-4, 42% at steps 5-14): these decodes move the query more than the
+# 96-token summaries DEFAULT_TAU was calibrated on, at every step, not only at the start. Reproduce with
+# calibrate_tau(engine, qa_prompts(tokenizer, 4096, slice(100, 112)), 16, 0.3, trigger="adjacent",
+# include_first=True).layer_taus.
 ANSWER_TAU = (
     0.63, 0.73, 0.68, 0.75, 0.68, 0.71, 0.72, 0.69, 0.70, 0.74, 0.80, 0.78, 0.87, 0.87, 0.81,
     0.84, 0.90, 0.82, 0.85, 0.90, 0.81, 0.83, 0.84, 0.78, 0.75, 0.84, 0.80, 0.83, 0.80, 0.81,
@@ -132,6 +135,7 @@ class LouisKV(Retriever):
         super().__init__(engine, store, cluster_tokens=self.config.cluster_tokens)
         self.layers: list[LouisKVLayer] = []
         self.labels: list[torch.Tensor] = []  # k-means labels per layer of the last offload
+        self.prompt_units: list[PoolSnapshot] = []  # per layer, the prompt's units (for `units_from`)
 
     @property
     def budget_bytes(self) -> int:
@@ -145,28 +149,51 @@ class LouisKV(Retriever):
         out = self.engine.forward(ids)
         return self.offload(out.cache), out.logits[0, -1]
 
-    def offload(self, cache: KVCache, labels: list[torch.Tensor] | None = None) -> KVCache:
+    def offload(
+        self, cache: KVCache, labels: list[torch.Tensor] | None = None, units_from: LouisKV | None = None
+    ) -> KVCache:
         """Replace each dense layer of a batch-1 `cache` by a LouisKV layer (in place; returns it).
 
         `labels`: the k-means labels per layer of another LouisKV's `offload` of the same prompt (its
         `labels`), valid when `n_sink`, `window`, `cluster_tokens` and `kmeans_iters` are the same (the
-        clustering is deterministic and does not depend on budget or tau): skips the clustering, which
-        is most of an offload's time on long prompts."""
+        clustering is deterministic and does not depend on budget or tau): skips the clustering.
+        `units_from`: such a LouisKV on the same store, whose prompt units this one then reads instead of
+        writing its own copies (skips the clustering and the puts, most of an offload's time on long
+        prompts; the other must not `release` before this one is done)."""
         if not cache.layers or cache.layers[0].k.shape[0] != 1:
             raise ValueError("LouisKV manages a non-empty batch-1 cache")
         if any(isinstance(layer, LouisKVLayer) for layer in cache.layers):
             raise ValueError("this cache is already managed by a retriever")
+        if units_from is not None:
+            self._check_shareable(units_from, len(cache.layers))
+            labels = units_from.labels
         if labels is not None and len(labels) != len(cache.layers):
             raise ValueError(f"labels has {len(labels)} layers, the cache {len(cache.layers)}")
         with self.timed():
             self.labels = []
             self.layers = [
-                self._layer(i, lay, cache.positions, None if labels is None else labels[i])
+                self._layer(
+                    i,
+                    lay,
+                    cache.positions,
+                    None if labels is None else labels[i],
+                    None if units_from is None else units_from.prompt_units[i],
+                )
                 for i, lay in enumerate(cache.layers)
             ]
+        self.prompt_units = [layer.pool.snapshot() for layer in self.layers]
         cache.layers = list(self.layers)
         self.sync_stats()
         return cache
+
+    def _check_shareable(self, other: LouisKV, layers: int) -> None:
+        fields = ("n_sink", "window", "cluster_tokens", "max_unit", "max_segment", "kmeans_iters")
+        differ = [f for f in fields if getattr(other.config, f) != getattr(self.config, f)]
+        if differ or other.store is not self.store or len(other.prompt_units) != layers:
+            raise ValueError(
+                "units_from must have offloaded the same prompt into the same store with the same "
+                f"{', '.join(fields)} (differ: {differ or 'store or prompt'})"
+            )
 
     def generate(
         self, ids: torch.Tensor | list[int], max_new_tokens: int, stop: set[int] | None = None
@@ -186,9 +213,18 @@ class LouisKV(Retriever):
         return out
 
     def _layer(
-        self, i: int, dense: LayerKV, positions: torch.Tensor, labels: torch.Tensor | None
+        self,
+        i: int,
+        dense: LayerKV,
+        positions: torch.Tensor,
+        labels: torch.Tensor | None,
+        shared: PoolSnapshot | None = None,
     ) -> LouisKVLayer:
         layer = LouisKVLayer(self, i, dense.k, dense.v, positions)
+        if shared is not None and labels is not None:
+            layer.pool.restore(shared)
+            self.labels.append(labels)
+            return layer
         middle = slice(layer.sink_k.shape[2], layer.local_start)
         k, v = dense.k[0, :, middle], dense.v[0, :, middle]
         if labels is None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+PoolSnapshot = tuple[list[list[str]], list[list[int]], list[list[torch.Tensor]]]
+
 
 class UnitPool:
     """Units of one layer, per KV head; grows as prompt clusters and output segments are offloaded."""
@@ -27,6 +29,20 @@ class UnitPool:
         self._means[head].append(keys.float().mean(0))
         self._stacked = None
         return len(self.keys[head]) - 1
+
+    def snapshot(self) -> PoolSnapshot:
+        """The units registered so far (keys, sizes, mean keys per head), for another pool to start from."""
+        return [list(k) for k in self.keys], [list(s) for s in self._sizes], [list(m) for m in self._means]
+
+    def restore(self, snap: PoolSnapshot) -> None:
+        """Start from another pool's `snapshot` (its units stay in the store under their keys)."""
+        keys, sizes, means = snap
+        self.keys, self._sizes, self._means = (
+            [list(k) for k in keys],
+            [list(s) for s in sizes],
+            [list(m) for m in means],
+        )
+        self._stacked = None
 
     def size(self, head: int, unit: int) -> int:
         return self._sizes[head][unit]

@@ -94,21 +94,31 @@ def test_tau_outside_the_cosine_range(engine, probe, tau):
 
 
 def test_shared_kmeans_labels_give_the_same_tokens(engine, probe):
-    """Another LouisKV's k-means labels of the same prompt (different budget and tau) give exactly the
-    units it would cluster itself: the bench clusters a probe once for all its LouisKV variants."""
+    """Another LouisKV's k-means labels of the same prompt (different budget and tau), or its prompt units
+    in the store, give exactly the units it would make itself: the bench offloads a probe once for all
+    its LouisKV variants."""
     out = engine.forward(probe.ids)
     first = LouisKV(engine, LouisKVConfig(budget=256, tau=2.0, **SMALL), host_store())
     first.offload(out.cache.clone())
-    runs = []
-    for labels in (None, first.labels):
-        r = LouisKV(engine, LouisKVConfig(budget=96, tau=0.9, **SMALL), host_store())
-        cache = r.offload(out.cache.clone(), labels=labels)
+    runs, offloaded = [], []
+    for labels, units_from in ((None, None), (first.labels, None), (None, first)):
+        store = first.store if units_from is not None else host_store()
+        r = LouisKV(engine, LouisKVConfig(budget=96, tau=0.9, **SMALL), store)
+        cache = r.offload(out.cache.clone(), labels=labels, units_from=units_from)
+        offloaded.append(r.stats.units_offloaded)
         new, _ = engine.decode(out.logits[0, -1], cache, 10, attention=r.attention, stop=set())
-        runs.append(
-            (new, r.stats.retrievals, r.stats.tokens_fetched, [len(p) for p in r.layers[5].pool.keys])
+        pool = [len(p) for p in r.layers[5].pool.keys]
+        runs.append((new, r.stats.retrievals, r.stats.tokens_fetched, pool))
+        assert all(torch.equal(a, b) for a, b in zip(first.labels, r.labels, strict=True))
+        r.release()
+    assert runs[0] == runs[1] == runs[2]
+    # Reading the first one's units, the third wrote none of the prompt's; its release left them there.
+    assert offloaded[0] == offloaded[1] == first.stats.units_offloaded > 0 and offloaded[2] == 0
+    assert len(first.store.keys()) == len(first.units)
+    with pytest.raises(ValueError, match="units_from"):
+        LouisKV(engine, LouisKVConfig(budget=96, **SMALL), host_store()).offload(
+            out.cache.clone(), units_from=first
         )
-    assert runs[0] == runs[1]
-    assert all(torch.equal(a, b) for a, b in zip(first.labels, r.labels, strict=True))
     with pytest.raises(ValueError, match="labels"):
         LouisKV(engine, LouisKVConfig(budget=96, **SMALL)).offload(out.cache.clone(), labels=first.labels[:3])
     with pytest.raises(ValueError, match="labels of shape"):
