@@ -31,6 +31,7 @@ from semcache.cache import SemanticCache
 from semcache.settings import SemcacheSettings
 
 _init_lock = threading.Lock()
+PREFIX = "/v1/semcache"
 Text = Annotated[StrictStr, Field(max_length=16_384)]  # a backstop; the cache's Limits are the rule
 Ident = Annotated[StrictStr, Field(min_length=1, max_length=128)]
 # JSON from Python's parser may hold NaN and Infinity: refused here (422 naming the field), not echoed as null.
@@ -81,10 +82,21 @@ class LoadBody(_Body):
 
 
 def _settings(request: Request) -> SemcacheSettings:
-    settings = getattr(request.app.state, "semcache_settings", None)
+    return app_settings(request.app)
+
+
+def app_settings(app: Any) -> SemcacheSettings:
+    settings = getattr(app.state, "semcache_settings", None)
     if settings is None:
-        settings = request.app.state.semcache_settings = SemcacheSettings()
+        settings = app.state.semcache_settings = SemcacheSettings()
     return settings
+
+
+def body_limit(app: Any, path: str) -> int | None:
+    """This router's body limit for a request to `path` in `app`, None when the path is not its own: for
+    the server's BodyLimit middleware and bulk protocol, so that an oversized body is refused before
+    any of it is received (the route class below can only refuse it before FastAPI reads it)."""
+    return app_settings(app).max_body_bytes if path.startswith(PREFIX + "/") else None
 
 
 class _SemcacheRoute(APIRoute):
@@ -168,7 +180,7 @@ async def _lifespan(app) -> AsyncIterator[None]:
 Cache = Annotated[SemanticCache, Depends(get_cache)]
 router = APIRouter(
     lifespan=_lifespan,
-    prefix="/v1/semcache",
+    prefix=PREFIX,
     tags=["semcache"],
     dependencies=[Depends(require_api_key)],
     route_class=_SemcacheRoute,

@@ -163,6 +163,18 @@ def test_oversized_body_refused_before_it_is_read(server):
     assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
 
 
+def test_body_limit_for_the_servers_middleware():
+    from fastapi import FastAPI
+
+    from semcache.api import body_limit
+    from semcache.settings import SemcacheSettings
+
+    app = FastAPI()
+    app.state.semcache_settings = SemcacheSettings(max_body_bytes=1000)
+    assert body_limit(app, "/v1/semcache/lookup") == 1000
+    assert body_limit(app, "/v1/kv/put") is None and body_limit(app, "/v1/semcacheX") is None
+
+
 def test_category_numbers_must_be_finite_over_http(server):
     h = {"X-API-Key": KEY, "content-type": "application/json"}
     url = server + "/v1/semcache"
