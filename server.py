@@ -91,12 +91,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.lm_port is not None:
         lm = LmServer(
             app.state.store,
-            settings.host,
+            settings.lm_host,
             settings.lm_port,
-            settings.max_body_bytes,
+            lambda: app.state.settings.max_body_bytes,  # live: PATCH /v1/admin/config applies at once
             app.state.metrics,
             app.state.recv_buffers,
         )
+        if app.state.api_key is not None and settings.lm_host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("lm:// on %s takes no API key (the protocol has none)", settings.lm_host)
         await lm.start()
         app.state.lm_server = lm
     log.info("kvfuse store: %s", [t.name for t in app.state.store.tiers])

@@ -8,8 +8,13 @@ buffer that becomes the stored tensor and sent straight from the stored tensor (
 `sock_sendall`: no intermediate copies); store calls run on worker threads so a disk or Redis access
 never stalls other connections. A PUT that is too large, has an unknown dtype or a shape that does not
 match its length is read to its end and dropped (PUT has no reply; a later GET/EXIST says 400). A client
-that disconnects mid-request leaves nothing behind. The protocol has no authentication: keep the port
-on loopback or a trusted network.
+that disconnects mid-request leaves nothing behind.
+
+Bounds: the value limit is read per PUT (`limit()`, the server's live `max_body_bytes`); the PUT
+buffers being filled at once hold at most `inflight_bytes` (a PUT that would pass it waits for others
+to finish, so N slow clients cannot make the server hold N x the limit), and a PUT whose client sends
+nothing for `idle_timeout_s` is cut off and its buffer released. The protocol has no authentication:
+the listener binds to its own host (`lm_host`, loopback by default, whatever the HTTP `--host`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,16 +63,22 @@ class LmServer:
         store: TieredStore,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_value_bytes: int = 256 << 20,
+        limit: Callable[[], int] = lambda: 256 << 20,
         metrics: Any = None,
         buffers: RecycledBuffers | None = None,
+        inflight_bytes: int = 1 << 30,
+        idle_timeout_s: float = 30.0,
     ) -> None:
         self.store = store
         self.host = host
         self.port = port
-        self.max_value_bytes = max_value_bytes
+        self.limit = limit  # the largest value, read per PUT (a live setting)
         self.metrics = metrics
         self.buffers = buffers or RecycledBuffers()
+        self.inflight_bytes = inflight_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self._inflight = 0  # bytes of PUT buffers being received now
+        self._freed: asyncio.Condition | None = None  # made on the serving loop
         self.open_connections = 0
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
@@ -114,8 +127,10 @@ class LmServer:
             while await _recv_into(sock, memoryview(header), at_boundary=True):
                 if not await self._handle(sock, Request.parse(header)):
                     break
-        except (Disconnected, ConnectionError, OSError):
-            pass  # a client that vanishes mid-request leaves nothing stored
+        except (Disconnected, ConnectionError, OSError, TimeoutError):
+            pass  # a client that vanishes or stalls mid-request leaves nothing stored
+        except Exception:  # a bug must cost one connection, not leave a task failing unseen
+            log.exception("lm:// connection closed on an unexpected error")
         finally:
             self.open_connections -= 1
             sock.close()
@@ -152,7 +167,12 @@ class LmServer:
         if entry is None or not is_lm_entry(entry):
             await loop.sock_sendall(sock, FAIL_REPLY)
             return FAIL
-        reply, data = reply_for(entry)
+        try:
+            reply, data = reply_for(entry)
+        except (KeyError, TypeError, ValueError, struct.error) as e:  # an entry not put over lm://
+            log.warning("lm:// GET %r: stored entry %s is not a valid lm:// value: %s", req.key[:80], key, e)
+            await loop.sock_sendall(sock, FAIL_REPLY)
+            return FAIL
         await loop.sock_sendall(sock, reply)
         await loop.sock_sendall(sock, data)
         if self.metrics is not None:
@@ -163,16 +183,22 @@ class LmServer:
         """Receive and store a value; None when the stream is broken (negative length)."""
         if req.length < 0:
             return None
-        if req.length > self.max_value_bytes:
-            await _drain(sock, req.length)
-            log.warning(
-                "lm:// PUT of %d bytes over the %d-byte limit dropped", req.length, self.max_value_bytes
-            )
+        limit = self.limit()
+        if req.length > limit:
+            await _drain(sock, req.length, self.idle_timeout_s)
+            log.warning("lm:// PUT of %d bytes over the %d-byte limit dropped", req.length, limit)
             return FAIL
-        buffer = self.buffers.take(req.length)  # memory used before, if a released one fits
+        await self._reserve(req.length)
+        try:
+            buffer = self.buffers.take(req.length)  # memory used before, if a released one fits
+            try:
+                await _recv_into(sock, buffer.data, idle_s=self.idle_timeout_s)
+            except BaseException:
+                del buffer  # released before the waiting PUTs are let in
+                raise
+        finally:
+            await self._release(req.length)
         payload = torch.from_numpy(buffer)
-        if not await _recv_into(sock, buffer.data):
-            raise Disconnected
         if self.metrics is not None:
             self.metrics.lm_bytes.labels("in").inc(req.length)
         try:
@@ -184,18 +210,38 @@ class LmServer:
             return FAIL
         return OK
 
+    async def _reserve(self, nbytes: int) -> None:
+        """Wait until `nbytes` more PUT buffer fits in `inflight_bytes` (one PUT alone always fits)."""
+        if self._freed is None:
+            self._freed = asyncio.Condition()
+        async with self._freed:
+            await self._freed.wait_for(
+                lambda: self._inflight == 0 or self._inflight + nbytes <= self.inflight_bytes
+            )
+            self._inflight += nbytes
+
+    async def _release(self, nbytes: int) -> None:
+        assert self._freed is not None  # made by _reserve
+        async with self._freed:
+            self._inflight -= nbytes
+            self._freed.notify_all()
+
     def _observe(self, command: int, code: int | None, seconds: float) -> None:
         if self.metrics is not None:
             name = COMMANDS.get(command, "unknown")
             self.metrics.lm_seconds.labels(name, str(code or "broken")).observe(seconds)
 
 
-async def _recv_into(sock: socket.socket, view: memoryview, at_boundary: bool = False) -> bool:
-    """Fill `view`; False on a clean close before the first byte at a request boundary."""
+async def _recv_into(
+    sock: socket.socket, view: memoryview, at_boundary: bool = False, idle_s: float | None = None
+) -> bool:
+    """Fill `view`; False on a clean close before the first byte at a request boundary. `idle_s`: a
+    client that sends nothing for that long is cut off (TimeoutError); between requests, connections
+    may idle as long as they like (LMCache keeps its connection open)."""
     loop = asyncio.get_running_loop()
     got = 0
     while got < len(view):
-        n = await loop.sock_recv_into(sock, view[got:])
+        n = await asyncio.wait_for(loop.sock_recv_into(sock, view[got:]), idle_s)
         if n == 0:
             if got == 0 and at_boundary:
                 return False
@@ -204,11 +250,11 @@ async def _recv_into(sock: socket.socket, view: memoryview, at_boundary: bool = 
     return True
 
 
-async def _drain(sock: socket.socket, length: int) -> None:
+async def _drain(sock: socket.socket, length: int, idle_s: float) -> None:
     """Read and discard `length` bytes (an over-limit PUT), keeping the stream in step."""
     scratch = memoryview(bytearray(min(length, _DRAIN_CHUNK)))
     left = length
     while left:
         part = scratch[: min(left, len(scratch))]
-        await _recv_into(sock, part)
+        await _recv_into(sock, part, idle_s=idle_s)
         left -= len(part)

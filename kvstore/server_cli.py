@@ -21,6 +21,7 @@ _SERVE_FLAGS = {
     "host": ("--host", str, "bind address (default 127.0.0.1: this machine only)"),
     "port": ("--port", int, "HTTP port (default 8000)"),
     "lm_port": ("--lm-port", int, "also serve LMCache's lm:// protocol on this TCP port"),
+    "lm_host": ("--lm-host", str, "lm:// bind address (default 127.0.0.1; the protocol has no auth)"),
     "config": ("--config", str, "TOML file of settings (also $KVFUSE_CONFIG)"),
     "host_bytes": ("--host-bytes", str, "host RAM tier size, e.g. 4GiB"),
     "disk_path": ("--disk-path", str, "disk tier folder (default $KVFUSE_HOME/store)"),

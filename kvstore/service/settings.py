@@ -57,6 +57,8 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     lm_port: int | None = Field(None, ge=0, le=65535)  # LMCache lm:// listener; None: off
+    # lm:// has no authentication, so it stays on loopback unless told otherwise, whatever `host` is
+    lm_host: str = "127.0.0.1"
     api_key: SecretStr | None = None
     # at least 64 KiB: a smaller limit would refuse the admin call that raises it again
     max_body_bytes: Annotated[Size, Field(ge=64 << 10)] = 256 << 20

@@ -187,3 +187,72 @@ def test_values_share_the_store_capacity_and_admin(fresh_server):
     for key in reversed(held[-3:]):
         assert client.get(key)[1] == values[key]
     client.close()
+
+
+def test_a_planted_entry_under_an_lm_key_is_a_400_not_a_dropped_connection(server, lm):
+    """An entry put over HTTP at an lm:// value's store key but with bad lm metadata."""
+    import hashlib
+
+    from kvstore import Entry, KVLayout
+
+    key = "model@1@0@planted@half"
+    store_key = "lm-" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    layout = KVLayout(1, 1, 1, torch.uint8, 1, method="lmcache")
+    for bad in ([1, 2, 3], [1, 2, 2**40, 0, 0, 0, 0]):
+        entry = Entry(store_key, layout, {"data": torch.zeros(8, dtype=torch.uint8)}, None, {"lm": bad})
+        server.client().put(entry)
+        header, _ = lm.get(key)
+        assert header[0] == 400
+        lm.send(HEALTH, "")  # the connection goes on
+        assert lm.reply()[0] == 200
+
+
+def test_the_value_limit_is_the_live_body_limit(fresh_server):
+    s = fresh_server()
+    client = LmClient(s.lm_port)
+    client.put("model@1@0@before@half", bytes(200_000), 6, (200_000, 0, 0, 0))
+    assert client.exists("model@1@0@before@half")
+    s.client().set_config(max_body_bytes="128KiB")
+    client.put("model@1@0@after@half", bytes(200_000), 6, (200_000, 0, 0, 0))
+    assert not client.exists("model@1@0@after@half")  # dropped: over the limit set a moment ago
+    client.close()
+
+
+def test_stalled_puts_are_bounded_and_cut_off():
+    """Two clients announce PUTs and stall: with a 1.5-value in-flight budget the second waits for the
+    first, which the idle timeout cuts off; then the second is received, and a third client is served."""
+    import asyncio
+    import threading
+
+    from kvstore import StoreConfig, TieredStore
+    from kvstore.lmserver import LmServer
+
+    store = TieredStore(StoreConfig(host_bytes=8 << 20, write_behind=False))
+    loop = asyncio.new_event_loop()
+    server = LmServer(store, inflight_bytes=3 << 19, idle_timeout_s=0.5)  # 1.5 MiB budget, 1 MiB values
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        stalled, waiting = LmClient(server.port), LmClient(server.port)
+        stalled.send(PUT, "model@1@0@stalled@half", 1 << 20, 1, 6, (1 << 20, 0, 0, 0))
+        stalled.sock.sendall(bytes(1000))
+        time.sleep(0.1)
+        waiting.send(PUT, "model@1@0@waiting@half", 1 << 20, 1, 6, (1 << 20, 0, 0, 0))
+        time.sleep(0.1)
+        assert server._inflight == 1 << 20  # the second PUT waits: both would pass the budget
+        waiting.sock.sendall(bytes(1 << 20))  # it sends its whole value, as a live client would
+        with pytest.raises((ConnectionError, OSError)):  # the stalled one is cut off after 0.5 s
+            stalled.recv(1)
+        assert waiting.exists("model@1@0@waiting@half")
+        assert server._inflight == 0 and not store.contains("lm-stalled")
+        fresh = LmClient(server.port)
+        fresh.send(HEALTH, "")
+        assert fresh.reply()[0] == 200
+        for c in (stalled, waiting, fresh):
+            c.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        store.close()
