@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from blend import api as rag_api
@@ -41,6 +42,7 @@ from kvstore.service.deps import KeyGate, key_accepted
 from kvstore.service.heap import freeze_heap
 from kvstore.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvstore.service.metrics import Metrics, Timing
+from kvstore.service.responses import validation_error
 from kvstore.service.settings import ServerSettings
 from kvstore.store import TieredStore
 from kvstore.wire import RecycledBuffers
@@ -66,7 +68,7 @@ def create_app(settings: ServerSettings | None = None, store: TieredStore | None
     app.state.lm_server = None
     app.state.recv_buffers = RecycledBuffers()  # HTTP bodies and lm:// values, reused once released
     app.state.started = time.monotonic()
-    app.add_middleware(BodyLimit, limit=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=lambda path: body_limit(app, path))
     app.add_middleware(KeyGate, api_key=lambda: app.state.api_key)  # before BodyLimit reads anything
     app.add_middleware(Timing, metrics=lambda: app.state.metrics)  # outermost: times 413s too
     app.include_router(kv_api.router)
@@ -74,7 +76,15 @@ def create_app(settings: ServerSettings | None = None, store: TieredStore | None
     app.include_router(semcache_api.router)
     app.include_router(rag_api.router)
     app.add_api_route("/metrics", _metrics, methods=["GET"], tags=["admin"])
+    app.add_exception_handler(RequestValidationError, validation_error)
     return app
+
+
+def body_limit(app: FastAPI, path: str) -> int:
+    """The body limit of a request to `path`: the server's, or a router's tighter one."""
+    limit = app.state.settings.max_body_bytes
+    own = semcache_api.body_limit(app, path)
+    return limit if own is None else min(limit, own)
 
 
 async def _metrics(request: Request) -> Response:
@@ -144,7 +154,7 @@ def run(settings: ServerSettings) -> None:
     protocol = None
     if settings.bulk_bodies:
         protocol = bulk_protocol(
-            lambda: app.state.settings.max_body_bytes,
+            lambda path: body_limit(app, path),
             app.state.recv_buffers,
             lambda headers: key_accepted(headers, app.state.api_key),
         )

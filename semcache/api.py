@@ -5,24 +5,21 @@ it from `SemcacheSettings` (environment `KVFUSE_SEMCACHE_*`), and the router's l
 snapshot at shutdown. Every route needs the server's API key when one is configured: lookups return
 tenants' answers, so they are guarded too.
 
-Bodies over `max_body_bytes` (512 KiB) get 413 before FastAPI reads them: the check sits in the routes'
-class (`_SemcacheRoute`), which runs before FastAPI reads and parses the body - a dependency would run
-only after. A declared Content-Length over the limit is refused without reading a byte; a chunked body
-is cut off as soon as it crosses the limit.
+Bodies over `max_body_bytes` (512 KiB) get 413 before FastAPI reads them: the server's body-limit
+middleware and bulk protocol ask `body_limit(app, path)` for these routes' limit (a dependency would run
+only after FastAPI has read and parsed the body). A declared Content-Length over the limit is refused
+without reading a byte; a chunked body is cut off as soon as it crosses the limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
 from kvstore.service.deps import require_api_key
@@ -99,58 +96,6 @@ def body_limit(app: Any, path: str) -> int | None:
     return app_settings(app).max_body_bytes if path.startswith(PREFIX + "/") else None
 
 
-class _SemcacheRoute(APIRoute):
-    """A route whose body is bounded by `max_body_bytes` before FastAPI reads it, and whose 422 can be
-    rendered when the JSON held NaN or Infinity (the stock handler fails on them with a 500)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def bounded(request: Request) -> Response:
-            limit = _settings(request).max_body_bytes
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-                raise HTTPException(
-                    413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
-                )
-            try:
-                return await handler(Request(request.scope, _bounded_receive(request, limit)))
-            except RequestValidationError as exc:
-                raise RequestValidationError(
-                    _json_safe(exc.errors()), endpoint_ctx=exc.endpoint_ctx
-                ) from None
-
-        return bounded
-
-
-def _bounded_receive(request: Request, limit: int) -> Callable[[], Awaitable[Any]]:
-    """The request's receive, raising 413 as soon as the body read so far exceeds `limit` (chunked
-    bodies declare no length; FastAPI passes an HTTPException from here through as it is)."""
-    receive = request.receive
-    seen = 0
-
-    async def bounded() -> Any:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
-        return message
-
-    return bounded
-
-
-def _json_safe(value: Any) -> Any:
-    """Validation errors echo the input; NaN and Infinity are not JSON, so they are echoed as text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def get_cache(request: Request) -> SemanticCache:
     cache = getattr(request.app.state, "semcache", None)
     if cache is None:
@@ -183,7 +128,6 @@ router = APIRouter(
     prefix=PREFIX,
     tags=["semcache"],
     dependencies=[Depends(require_api_key)],
-    route_class=_SemcacheRoute,
 )
 
 

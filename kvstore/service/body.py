@@ -42,40 +42,45 @@ class BodyTooLarge(Exception):
 class BodyLimit:
     """ASGI middleware enforcing `app.state.settings.max_body_bytes` (read per request: live config)."""
 
-    def __init__(self, app: Callable, limit: Callable[[], int]) -> None:
+    def __init__(self, app: Callable, limit: Callable[[str], int]) -> None:
         self.app = app
-        self.limit = limit
+        self.limit = limit  # of a request's path: routers may have tighter limits than the server's
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit()
+        limit = self.limit(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _too_large(send, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
             return
         seen = 0
-        started = False
+        started = refused = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, started, refused
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+                detail = f"request body exceeds the limit of {limit} bytes"
+                # answered here: FastAPI turns an error while it reads a JSON body into its own 400
+                if not started:
+                    started = refused = True
+                    await _too_large(send, detail)
+                raise BodyTooLarge(detail)
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 went out; what the app makes of the cut-off body is not sent
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
+        # answered with 413 when it crossed (or the response had already started)
+        with contextlib.suppress(BodyTooLarge):
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as e:
-            if not started:
-                await _too_large(send, str(e))
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -96,7 +101,7 @@ async def _too_large(send: Send, detail: str) -> None:
 
 
 def bulk_protocol(
-    limit: Callable[[], int],
+    limit: Callable[[str], int],
     buffers: RecycledBuffers,
     authorized: Callable[[Mapping[str, str]], bool] = lambda headers: True,
 ) -> type | None:
@@ -157,7 +162,7 @@ def bulk_protocol(
             if self.cycle is previous:
                 self._bulk = None
                 return
-            size = _bulk_size(self.headers, limit())
+            size = _bulk_size(self.headers, limit(self.cycle.scope["path"]))
             if size is not None and not authorized(
                 {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
             ):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
-from fastapi import HTTPException
-from fastapi.responses import Response
+from fastapi import HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvstore.format import CorruptEntry
@@ -44,6 +47,23 @@ class BuffersResponse(Response):
 
 def frame_response(header: dict[str, Any], tensors: dict | None = None, status_code: int = 200) -> Response:
     return BuffersResponse(encode_frame(header, tensors), status_code=status_code)
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 for a RequestValidationError, also when the refused input held NaN or Infinity
+    (FastAPI's own handler echoes the input as JSON, which has no such numbers, and fails with a 500)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else [str(exc)]
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(_json_safe(errors))})
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def msgpack_body(value: Any) -> bytes:

@@ -109,12 +109,13 @@ def test_the_key_is_accepted_in_either_header(secured, keyed):
         secured.client().clear()
 
 
-def _oversized_chunked(secured) -> int:
+def _oversized_chunked(secured, method: str = "PUT", path: str = "/v1/kv/entries/sec-chunked") -> int:
     """A chunked body (no Content-Length) that grows past the 1 MiB limit."""
     parts = urlsplit(secured.url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     chunks = (bytes(64 << 10) for _ in range(40))  # 2.5 MiB in 64 KiB chunks
-    conn.request("PUT", "/v1/kv/entries/sec-chunked", body=chunks, headers={"X-API-Key": API_KEY})
+    headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+    conn.request(method, path, body=chunks, headers=headers)
     status = conn.getresponse().status
     conn.close()
     return status
@@ -126,6 +127,7 @@ def test_oversized_bodies_get_413(secured, keyed):
     with pytest.raises(ValueError, match="413"):
         keyed.put(big)
     assert _oversized_chunked(secured) == 413
+    assert _oversized_chunked(secured, "POST", "/v1/admin/evict") == 413  # JSON route: was FastAPI's 400
     assert _snapshot(keyed) == before
 
 
@@ -243,6 +245,7 @@ def _bad_bodies() -> dict[str, tuple[str, str, bytes, int]]:
         "string partial": ("POST", "/v1/kv/lookup", _frame({**store, "partial": "no"}), 400),
         "bad batch key": ("POST", "/v1/kv/entries/get", _frame({"keys": ["ok", "a/b"]}), 400),
         "admin json": ("POST", "/v1/admin/evict", b"{not json", 422),
+        "admin NaN": ("POST", "/v1/admin/evict", b'{"key": NaN}', 422),  # was a 500 (NaN echoed as JSON)
         "admin extra field": ("POST", "/v1/admin/pin", json.dumps({"key": "x", "oops": 1}).encode(), 422),
     }
 
