@@ -92,7 +92,7 @@ def app_settings(app: Any) -> SemcacheSettings:
 def body_limit(app: Any, path: str) -> int | None:
     """This router's body limit for a request to `path` in `app`, None when the path is not its own: for
     the server's BodyLimit middleware and bulk protocol, so that an oversized body is refused before
-    any of it is received (the route class below can only refuse it before FastAPI reads it)."""
+    any of it is received."""
     return app_settings(app).max_body_bytes if path.startswith(PREFIX + "/") else None
 
 
