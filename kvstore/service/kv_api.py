@@ -30,6 +30,7 @@ from kvstore.format import Entry, decode, encode
 from kvstore.service.body import read_body
 from kvstore.service.deps import Store, require_api_key
 from kvstore.service.responses import (
+    MAX_KEYS,
     BuffersResponse,
     bad_request,
     check_key,
@@ -51,7 +52,9 @@ from kvstore.wire import (
 router = APIRouter(prefix="/v1/kv", tags=["data plane"], dependencies=[Depends(require_api_key)])
 _FRAME_BODY = {"requestBody": {"content": {"application/x-kvfuse-frame": {}}, "required": True}}
 _ENTRY_BODY = {"requestBody": {"content": {ENTRY_CONTENT_TYPE: {}}, "required": True}}
-_INLINE_LOOKUP_MAX = 32768  # tokens (128 chunk keys, ~1 ms) or keys a lookup may take on the event loop
+# what a lookup may take on the event loop (~1 ms): chunk keys, and tokens to hash into them
+_INLINE_LOOKUP_KEYS = 128
+_INLINE_LOOKUP_TOKENS = 32768
 
 
 async def _frame(request: Request) -> tuple[dict[str, Any], dict]:
@@ -88,19 +91,35 @@ async def lookup(request: Request, store: Store) -> Response:
     header, _ = await _frame(request)
     if "keys" in header:
         keys = bad_request(check_keys, header["keys"])
-        return frame_response({"chunks": await _lookup(store, store.lookup, keys)})
+        inline = len(keys) <= _INLINE_LOOKUP_KEYS
+        return frame_response({"chunks": await _lookup(store, store.lookup, keys, inline)})
     tokens = bad_request(tokens_from, header.get("tokens"))
     connector = bad_request(_connector, store, header)
-    return frame_response({"tokens": await _lookup(store, connector.lookup, tokens)})
+    chunks = bad_request(_chunk_count, connector, tokens)
+    inline = chunks <= _INLINE_LOOKUP_KEYS and len(tokens) <= _INLINE_LOOKUP_TOKENS
+    return frame_response({"tokens": await _lookup(store, connector.lookup, tokens, inline)})
 
 
-async def _lookup(store: TieredStore, fn: Callable[[Any], int], arg: Any) -> int:
+async def _lookup(store: TieredStore, fn: Callable[[Any], int], arg: Any, inline: bool) -> int:
     # Local tiers answer from memory in ~0.1 ms for 8 chunks: a thread hop would cost as much and adds
-    # scheduling delay under load (the lookup p99). A Redis tier's round trip, or hashing a very long
-    # prompt, must not stall the event loop: those go to the thread pool.
-    if store.lookup_is_local and len(arg) <= _INLINE_LOOKUP_MAX:
+    # scheduling delay under load (the lookup p99). A Redis tier's round trip, or many keys to hash and
+    # find (a long prompt, or a client's tiny chunk size), must not stall the event loop: those go to
+    # the thread pool.
+    if store.lookup_is_local and inline:
         return bad_request(fn, arg)
     return await run(fn, arg)
+
+
+def _chunk_count(connector: KVConnector, tokens: Any) -> int:
+    """How many chunk keys `tokens` make; ValueError past MAX_KEYS (the namespace's chunk size is the
+    client's: one token per chunk would make one entry per token)."""
+    size = connector.layout.chunk_tokens
+    chunks = -(-len(tokens) // size)
+    if chunks > MAX_KEYS:
+        raise ValueError(
+            f"{len(tokens)} tokens make {chunks} chunks of {size} tokens; at most {MAX_KEYS} per request"
+        )
+    return chunks
 
 
 @router.post("/store", openapi_extra=_FRAME_BODY)
@@ -111,6 +130,7 @@ async def store_prefix(request: Request, store: Store) -> Response:
     def work() -> int:
         connector = _connector(store, header)
         tokens = tokens_from(header.get("tokens"))
+        _chunk_count(connector, tokens)
         positions = positions_from(header.get("positions"))
         return connector.store(tokens, _kv(tensors), positions, start=header.get("start", 0))
 
@@ -123,6 +143,7 @@ async def retrieve(request: Request, store: Store) -> Response:
     header, _ = await _frame(request)
     tokens = bad_request(tokens_from, header.get("tokens"))
     connector = bad_request(_connector, store, header)
+    bad_request(_chunk_count, connector, tokens)
     hit = await run(connector.retrieve, tokens)
     if hit is None:
         return frame_response({"tokens": 0})

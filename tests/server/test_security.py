@@ -244,6 +244,19 @@ def _bad_bodies() -> dict[str, tuple[str, str, bytes, int]]:
         ),
         "string partial": ("POST", "/v1/kv/lookup", _frame({**store, "partial": "no"}), 400),
         "bad batch key": ("POST", "/v1/kv/entries/get", _frame({"keys": ["ok", "a/b"]}), 400),
+        "one entry per token": (  # a client's chunk size of 1: 100k tokens would be 100k entries
+            "POST",
+            "/v1/kv/store",
+            _frame(
+                {
+                    "namespace": {**NS, "layout": KVLayout(1, 1, 1, torch.float16, 1).to_dict()},
+                    "tokens": token_bytes(range(5000)),
+                    "start": 0,
+                },
+                {"kv": torch.zeros(1, 2, 5000, 1, 1, dtype=torch.float16)},
+            ),
+            400,
+        ),
         "admin json": ("POST", "/v1/admin/evict", b"{not json", 422),
         "admin NaN": ("POST", "/v1/admin/evict", b'{"key": NaN}', 422),  # was a 500 (NaN echoed as JSON)
         "admin extra field": ("POST", "/v1/admin/pin", json.dumps({"key": "x", "oops": 1}).encode(), 422),
