@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, cast
 
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 
 from kvstore.wire import RecycledBuffers, empty_buffer
 
@@ -309,7 +310,16 @@ def _bulk_size(headers: list[tuple[bytes, bytes]], limit: int) -> int | None:
 
 
 async def read_body(request: Request) -> memoryview:
-    """The whole body in one writable buffer; 400 when it does not match its Content-Length."""
+    """The whole body in one writable buffer; 400 when it does not match its Content-Length or the
+    client left before sending it all (nobody reads that 400, but the request ends as an ordinary
+    refusal, not as a traceback in the log)."""
+    try:
+        return await _read_body(request)
+    except ClientDisconnect:
+        raise HTTPException(400, "the client disconnected before sending the whole body") from None
+
+
+async def _read_body(request: Request) -> memoryview:
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         chunks = bytearray()
