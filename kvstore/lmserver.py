@@ -163,7 +163,9 @@ class LmServer:
             found = await loop.run_in_executor(None, self.store.contains, key)
             await loop.sock_sendall(sock, OK_EMPTY_REPLY if found else FAIL_REPLY)
             return OK if found else FAIL
-        entry = await loop.run_in_executor(None, lambda: self.store.get(key, copy=False))
+        entry = self.store.get_resident(key, copy=False) or await loop.run_in_executor(
+            None, lambda: self.store.get(key, copy=False)
+        )
         if entry is None or not is_lm_entry(entry):
             await loop.sock_sendall(sock, FAIL_REPLY)
             return FAIL

@@ -165,6 +165,19 @@ class TieredStore:
             return self._copy(entry) if copy else entry
         return None
 
+    def get_resident(self, key: str, copy: bool = True) -> Entry | None:
+        """The entry when the top tier holds it in memory, else None (then `get` looks further): never
+        touches a disk or the network and never promotes, so a server may call it on its event loop
+        (a thread hop cost ~10% of a served 5.6 MiB get's CPU in a profile). A hit counts as in `get`."""
+        top = self.tiers[0]
+        if top.slow:
+            return None
+        entry = self._call(top, top.get, key, default=None)
+        if entry is None:
+            return None
+        self._count(top, "hits")
+        return self._copy(entry) if copy else entry
+
     def _promote(self, j: int, entry: Entry) -> bool:
         """Copy a lower-tier hit into a faster tier (never back into tier j itself)."""
         top = self.tiers[0]

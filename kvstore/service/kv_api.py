@@ -185,7 +185,8 @@ async def has_segment(request: Request, store: Store) -> Response:
 async def get_entry(key: str, store: Store) -> Response:
     """One stored entry in the checksummed entry format."""
     bad_request(check_key, key)
-    return _entry_response(await run(store.get, key, False), f"entry {key}")
+    entry = store.get_resident(key, copy=False) or await run(store.get, key, False)
+    return _entry_response(entry, f"entry {key}")
 
 
 @router.put("/entries/{key}", status_code=201, openapi_extra=_ENTRY_BODY)

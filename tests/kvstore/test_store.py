@@ -56,6 +56,17 @@ def test_demotion_goes_all_the_way_down_and_the_last_tier_drops(tmp_path):
     assert store.stats()["tiers"]["disk"]["dropped"] == 2
 
 
+def test_get_resident_answers_from_the_top_tier_only(tmp_path):
+    store = _store(tmp_path, host_entries=1)
+    store.put(tiny_entry(_key(0), seed=0))
+    store.put(tiny_entry(_key(1), seed=1))  # 0 goes down to disk
+    assert torch.equal(store.get_resident(_key(1)).kv, tiny_entry(_key(1), seed=1).kv)
+    assert store.get_resident(_key(0)) is None and store.get_resident(_key(9)) is None
+    assert store.tiers[0].keys() == [_key(1)]  # nothing promoted, nothing read from disk
+    stats = store.stats()["tiers"]
+    assert stats["host"]["hits"] == 1 and stats["host"]["misses"] == 0 and stats["disk"]["hits"] == 0
+
+
 def test_lookup_and_contains_move_nothing(tmp_path):
     store = _store(tmp_path, host_entries=2)
     for i in range(4):
