@@ -286,16 +286,24 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Per method@length, on the probes it shares with the full cache and with every-step retrieval:
-    how many it got right where the reference did not (wins) and the reverse (losses)."""
+    how many it got right where the reference did not (wins) and the reverse (losses), and how many of
+    its answers are the full cache's answer to the letter (`same_text_as_full`, when texts were kept)."""
     by_probe: dict[tuple, dict[str, bool]] = {}
+    texts: dict[tuple, dict[str, str]] = {}
     for r in rows:
         probe = (r["task"], r["length"], r["depth"], r.get("seed", 0))
         by_probe.setdefault(probe, {})[r["method"]] = bool(r["correct"])
+        if "text" in r:
+            texts.setdefault(probe, {})[r["method"]] = r["text"]
     out: dict[str, dict[str, int]] = {}
-    for (_, length, _, _), methods in by_probe.items():
+    for probe, methods in by_probe.items():
+        length = probe[1]
         refs = {"full": "full"} | {m: "every_step" for m in methods if m.startswith("every-step")}
+        said = texts.get(probe, {})
         for m, ok in methods.items():
             d = out.setdefault(f"{m}@{length}", {})
+            if m != "full" and m in said and "full" in said:
+                d["same_text_as_full"] = d.get("same_text_as_full", 0) + (said[m] == said["full"])
             for ref, label in refs.items():
                 if ref == m or ref not in methods:
                     continue

@@ -47,7 +47,12 @@ def test_summary_counts_paired_wins_and_losses():
         _row("needle", 0.1, 0, "louiskv-512", True, retrieval_rate=0.2, retrieval_rate_after_first=0.1),
         _row("needle", 0.1, 0, "every-step-512", True, retrieval_rate=1.0, retrieval_rate_after_first=1.0),
     ]
+    for r, text in zip(rows, ["a", "b", "a", "c", "c", "d"], strict=True):
+        r["text"] = text
     s = summarize(rows)
+    assert (
+        s["louiskv-512@1024"]["same_text_as_full"] == 1 and s["every-step-512@1024"]["same_text_as_full"] == 1
+    )
     lk = s["louiskv-512@1024"]
     assert lk["correct"] == 1 and lk["probes"] == 2 and abs(lk["retrieval_rate"] - 0.3) < 1e-9
     assert abs(lk["retrieval_rate_after_first"] - 0.2) < 1e-9
