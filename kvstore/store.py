@@ -52,7 +52,7 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     if config.device_bytes:
         tiers.append(DeviceTier(config.device_bytes, config.device))
     if config.host_bytes:
-        tiers.append(HostTier(config.host_bytes, prefault=config.host_prefault))
+        tiers.append(HostTier(config.host_bytes, config.host_prefault, config.host_min_entry_bytes))
     if config.disk_path:
         tiers.append(
             DiskTier(config.disk_path, config.disk_bytes, config.disk_fsync, config.disk_read_pool_bytes)

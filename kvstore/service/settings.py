@@ -67,6 +67,8 @@ class ServerSettings(BaseSettings):
     log_level: str = "info"
     host_bytes: Size = _STORE_DEFAULTS["host_bytes"]
     host_prefault: bool = _STORE_DEFAULTS["host_prefault"]  # touch the host pool at start
+    # clients choose entry sizes: tiny ones are charged 4 KiB (see StoreConfig.host_min_entry_bytes)
+    host_min_entry_bytes: Size = 4096
     disk_path: Path | None = None  # default: $KVFUSE_HOME/store
     disk_bytes: Size = _STORE_DEFAULTS["disk_bytes"]  # 0: no disk tier
     disk_fsync: bool = _STORE_DEFAULTS["disk_fsync"]
@@ -112,6 +114,7 @@ class ServerSettings(BaseSettings):
         return StoreConfig(
             host_bytes=self.host_bytes,
             host_prefault=self.host_prefault,
+            host_min_entry_bytes=self.host_min_entry_bytes,
             disk_path=None if disk is None else str(disk),
             disk_bytes=self.disk_bytes,
             disk_fsync=self.disk_fsync,

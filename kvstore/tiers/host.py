@@ -75,13 +75,15 @@ class HostTier(MemoryTier):
     keeps_tensors = False  # put copies into the pool: the caller may reuse its tensors at once
     pooled = True
 
-    def __init__(self, capacity_bytes: int, prefault: bool = False) -> None:
+    def __init__(self, capacity_bytes: int, prefault: bool = False, min_entry_bytes: int = 0) -> None:
         super().__init__(capacity_bytes)  # validates capacity_bytes
         self.pool = BytePool(capacity_bytes, prefault=prefault)
+        self.min_entry_bytes = min_entry_bytes  # see StoreConfig.host_min_entry_bytes
 
     def entry_size(self, entry: Entry) -> int:
-        """Bytes of the entry's block: each tensor (and positions) rounded up to 8 bytes; at least 8."""
-        return max(ALIGN, sum(round_up(n) for n in _sizes(entry)))
+        """Bytes of the entry's block: each tensor (and positions) rounded up to 8 bytes; at least 8,
+        and at least `min_entry_bytes`."""
+        return max(ALIGN, self.min_entry_bytes, sum(round_up(n) for n in _sizes(entry)))
 
     def put(self, entry: Entry) -> None:
         """Copy `entry` into a new block (replacing `entry.key`); TierFull if no block of its size is

@@ -67,6 +67,14 @@ def test_get_resident_answers_from_the_top_tier_only(tmp_path):
     assert stats["host"]["hits"] == 1 and stats["host"]["misses"] == 0 and stats["disk"]["hits"] == 0
 
 
+def test_tiny_entries_are_charged_the_minimum_so_their_count_is_bounded():
+    store = TieredStore(StoreConfig(host_bytes=16 << 10, host_min_entry_bytes=4096, write_behind=False))
+    for i in range(10):
+        store.put(tiny_entry(_key(i), seed=i))  # 544 tensor bytes each
+    host = store.stats()["tiers"]["host"]
+    assert host["entries"] == 4 and host["bytes"] == 16 << 10 and host["dropped"] == 6
+
+
 def test_lookup_and_contains_move_nothing(tmp_path):
     store = _store(tmp_path, host_entries=2)
     for i in range(4):

@@ -97,3 +97,15 @@ def test_connector_rejects_bad_input_before_sending(server):
     with pytest.raises(ValueError, match="empty"):
         conn.lookup([])
     assert conn.lookup(list(range(10))) == 0
+
+
+def test_tiny_entries_are_charged_4_kib_so_memory_stays_bounded(fresh_server):
+    """A client's one-token chunks: each entry costs ~2.4 KB of objects besides its 16 tensor bytes, so
+    the server charges at least 4 KiB, and host_bytes bounds the count (here 64 entries in 256 KiB)."""
+    s = fresh_server({"KVFUSE_HOST_BYTES": "256KiB", "KVFUSE_DISK_BYTES": "0"})
+    tiny = KVLayout(1, 1, 4, torch.float16, 1)
+    conn = RemoteConnector(s.url, _ns("tiny", tiny))
+    tokens = list(range(200))
+    assert conn.store(tokens, torch.ones(1, 2, 200, 1, 4, dtype=torch.float16)) == 200
+    host = s.client().stats()["tiers"]["host"]
+    assert host["entries"] == 64 and host["bytes"] == 64 * 4096
