@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.format import PREFIX_BYTES, CorruptEntry, read_header
+from kvstore.pins import FILE_NAME as PINS_FILE
 from kvstore.tiers.disk import DiskTier
 
 
@@ -68,5 +69,6 @@ def _clear(args: argparse.Namespace) -> int:
     disk = _open(args.path)
     count = len(disk.keys())
     disk.clear()
+    (disk.root / PINS_FILE).unlink(missing_ok=True)  # the pins of entries that are gone
     print(json.dumps({"path": args.path, "removed": count}))
     return 0

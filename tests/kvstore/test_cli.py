@@ -21,6 +21,7 @@ def _kvfuse(*args: str) -> subprocess.CompletedProcess:
 def test_stats_ls_clear(tmp_path):
     with TieredStore(StoreConfig(host_bytes=1 << 20, disk_path=str(tmp_path))) as store:
         KVConnector(store, Namespace("m", TINY)).store(list(range(10)), torch.zeros(TINY.chunk_shape(10)))
+        store.pin(store.keys()[0])
     stats = json.loads(_kvfuse("stats", str(tmp_path)).stdout)
     assert stats["entries"] == 3 and stats["bytes"] == sum(f.stat().st_size for f in tmp_path.rglob("*.kvf"))
     rows = [json.loads(line) for line in _kvfuse("ls", str(tmp_path)).stdout.splitlines()]
@@ -31,6 +32,7 @@ def test_stats_ls_clear(tmp_path):
     assert refused.returncode == 2 and "--yes" in refused.stderr
     assert json.loads(_kvfuse("clear", str(tmp_path), "--yes").stdout)["removed"] == 3
     assert json.loads(_kvfuse("stats", str(tmp_path)).stdout)["entries"] == 0
+    assert not (tmp_path / "pins.msgpack").exists()
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
