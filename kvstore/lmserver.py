@@ -13,7 +13,8 @@ that disconnects mid-request leaves nothing behind.
 Bounds: the value limit is read per PUT (`limit()`, the server's live `max_body_bytes`); the PUT
 buffers being filled at once hold at most `inflight_bytes` (a PUT that would pass it waits for others
 to finish, so N slow clients cannot make the server hold N x the limit), and a PUT whose client sends
-nothing for `idle_timeout_s` is cut off and its buffer released. The protocol has no authentication:
+nothing for `idle_timeout_s`, or averages less than `min_rate` after that grace, is cut off and its
+buffer released. The protocol has no authentication:
 the listener binds to its own host (`lm_host`, loopback by default, whatever the HTTP `--host`).
 """
 
@@ -68,6 +69,7 @@ class LmServer:
         buffers: RecycledBuffers | None = None,
         inflight_bytes: int = 1 << 30,
         idle_timeout_s: float = 30.0,
+        min_rate: float = 1 << 20,
     ) -> None:
         self.store = store
         self.host = host
@@ -77,6 +79,7 @@ class LmServer:
         self.buffers = buffers or RecycledBuffers()
         self.inflight_bytes = inflight_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.min_rate = min_rate  # bytes/s a PUT must average (after idle_timeout_s of grace)
         self._inflight = 0  # bytes of PUT buffers being received now
         self._freed: asyncio.Condition | None = None  # made on the serving loop
         self.open_connections = 0
@@ -194,7 +197,9 @@ class LmServer:
         try:
             buffer = self.buffers.take(req.length)  # memory used before, if a released one fits
             try:
-                await _recv_into(sock, buffer.data, idle_s=self.idle_timeout_s)
+                # a client trickling a byte at a time would hold its share of the budget forever
+                deadline = self.idle_timeout_s + req.length / self.min_rate
+                await asyncio.wait_for(_recv_into(sock, buffer.data, idle_s=self.idle_timeout_s), deadline)
             except BaseException:
                 del buffer  # released before the waiting PUTs are let in
                 raise

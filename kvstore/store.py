@@ -93,9 +93,17 @@ class TieredStore:
         self._down: dict[str, tuple[float, str]] = {}  # tier name -> (retry at, last error)
         self._pending: dict[str, Entry] = {}  # queued for a slow tier, still readable
         self._pending_lock = threading.Lock()
-        # Keys put since their copies in lower tiers were made: those copies may hold older bytes, so
-        # an eviction or close writes the newer one down instead of trusting "a lower tier has it".
-        self._dirty: set[str] = set()
+        # Keys whose copy in a faster tier was promoted from a lower tier and not put since: only these
+        # may skip the write when evicted, because the lower copy holds the same bytes. Any other copy
+        # is written down over whatever a lower tier holds (maybe an older version).
+        self._promoted: set[str] = set()
+        # Puts per key bucket: a get that read a lower tier promotes only if no put of a key in the same
+        # bucket happened meanwhile (it would copy an old version over the new one). Fixed size: a
+        # collision only skips a promotion.
+        self._put_stamps = [0] * _STAMP_BUCKETS
+        # Keys whose newest copy was dropped while a networked tier (Redis) was unreachable: that tier
+        # may still hold an older version, which is never served (a miss) and is removed once reachable.
+        self._shadowed: set[str] = set()
         self._sync_writes = 0  # writes the caller did itself because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
@@ -126,7 +134,7 @@ class TieredStore:
                 break
             hits = self._call(tier, tier.contains_many, [keys[i] for i in todo], default=[False] * len(todo))
             for i, hit in zip(todo, hits, strict=True):
-                found[i] = hit
+                found[i] = hit and not (tier.networked and keys[i] in self._shadowed)
         return next((i for i, hit in enumerate(found) if not hit), len(keys))
 
     @property
@@ -148,22 +156,57 @@ class TieredStore:
         bytes without a copy (a lease on the host pool, or the tier's own tensors): read them, never
         write them, and drop them when done (a held lease keeps its block from being reused).
         """
+        stamp = self._put_stamps[_bucket(key)]
         for j, tier in enumerate(self.tiers):
             if tier.slow:
                 with self._pending_lock:
                     entry = self._pending.get(key)
                 if entry is not None:
                     return self._copy(entry) if copy else entry
+            if tier.networked and key in self._shadowed:
+                self._forget_shadowed(j, key)
+                self._count(tier, "misses")
+                continue
             entry = self._call(tier, tier.get, key, default=None)
             if entry is None:
                 self._count(tier, "misses")
                 continue
             self._count(tier, "hits")
-            if j > 0 and self._promote(j, entry) and self.tiers[0].pooled:
+            if j > 0 and self._promote(j, entry, stamp) and self.tiers[0].pooled:
                 # serve the promoted host copy, so the lower tier's read buffer is released at once
                 entry = self._peek(self.tiers[0], key) or entry
             return self._copy(entry) if copy else entry
         return None
+
+    def _forget_shadowed(self, j: int, key: str) -> None:
+        """Remove an older copy that networked tier j may hold under a dropped newer one; if tier j does
+        not answer, the key stays shadowed (never served from it)."""
+        tier = self.tiers[j]
+        try:
+            with self._locks[j]:
+                tier.remove(key)
+        except TierUnavailable as e:
+            self._fault(tier, e)
+            _release_frames(e)
+            if len(self._shadowed) < _MAX_SHADOWED:
+                self._shadowed.add(key)
+            return
+        self._shadowed.discard(key)
+
+    def _note_dropped(self, key: str, below: int) -> None:
+        """A copy of `key` on its way into tier `below` (or lower) was dropped: older copies those tiers
+        hold must not come back in its place. They are removed; one in a networked tier that cannot be
+        reached now is never served (see `_shadowed`) and is removed once it answers."""
+        for k in range(below, len(self.tiers)):
+            tier = self.tiers[k]
+            if tier.networked and not self._usable(tier):
+                if len(self._shadowed) < _MAX_SHADOWED:
+                    self._shadowed.add(key)
+            elif tier.networked:
+                self._forget_shadowed(k, key)
+            elif self._call(tier, tier.contains, key, default=False):
+                with self._locks[k]:
+                    self._call(tier, tier.remove, key, default=0)
 
     def get_resident(self, key: str, copy: bool = True) -> Entry | None:
         """The entry when the top tier holds it in memory, else None (then `get` looks further): never
@@ -178,16 +221,22 @@ class TieredStore:
         self._count(top, "hits")
         return self._copy(entry) if copy else entry
 
-    def _promote(self, j: int, entry: Entry) -> bool:
-        """Copy a lower-tier hit into a faster tier (never back into tier j itself)."""
+    def _promote(self, j: int, entry: Entry, stamp: int) -> bool:
+        """Copy a lower-tier hit into a faster tier (never back into tier j itself), unless the key was
+        put since the get began (`stamp`): the copy read may be older than what the put stored."""
         top = self.tiers[0]
         # a slow tier's entry is already a private copy; a memory tier's is shared with that tier
         copy = top.keeps_tensors and not self.tiers[j].slow
         stored = entry.to(getattr(top, "device", torch.device("cpu")), copy=copy)
-        if self._place(0, stored, stop=j):
-            self._count(self.tiers[j], "promotions")
-            return True
-        return False
+        key = entry.key
+        with self._locks[0]:  # puts place under it too: the stamp cannot change before we place
+            if self._put_stamps[_bucket(key)] != stamp:
+                return False
+            if not self._place(0, stored, stop=j):
+                return False
+            self._promoted.add(key)
+        self._count(self.tiers[j], "promotions")
+        return True
 
     @staticmethod
     def _peek(tier: Tier, key: str) -> Entry | None:
@@ -217,13 +266,16 @@ class TieredStore:
         if copy and top.keeps_tensors:
             entry = entry.to(getattr(top, "device", torch.device("cpu")), copy=True)
         added_pin = pin and entry.key not in self._pinned  # a failed put keeps an older pin
-        if len(self.tiers) > 1:
-            self._dirty.add(entry.key)  # before placing: an eviction racing the put must write it down
         if added_pin:
-            with self._locks[0]:
-                self._pinned.add(entry.key)
+            self._pinned.add(entry.key)  # before placing: no eviction may take it once placed
         try:
-            placed = self._place(0, entry, borrowed=borrowed, replace=True)
+            # Under tier 0's lock (evictions from it take it too): no older copy of the key is written
+            # down after this one is placed, and no promotion of an older copy lands over it.
+            with self._locks[0]:
+                self._put_stamps[_bucket(entry.key)] += 1
+                self._promoted.discard(entry.key)
+                self._shadowed.discard(entry.key)
+                placed = self._place(0, entry, borrowed=borrowed, replace=True)
         except BaseException:
             if added_pin:
                 self._pinned.discard(entry.key)
@@ -244,7 +296,6 @@ class TieredStore:
         for j, tier in enumerate(self.tiers):
             if tier.slow:
                 self._place(j, entry, only=True, borrowed=borrowed)
-        self._dirty.discard(entry.key)
 
     def _place(
         self,
@@ -349,42 +400,29 @@ class TieredStore:
         return True
 
     def _evict(self, j: int, key: str) -> None:
-        """Remove `key` from tier j, demoting it first unless a lower tier already holds the same bytes
-        (a copy promoted from there, not put since)."""
+        """Remove `key` from tier j, demoting it first unless it is a promoted copy whose source (the
+        same bytes) a lower tier still holds. Any other copy is written down over a lower one."""
         tier = self.tiers[j]
         self._count(tier, "evictions")
-        if key in self._dirty and not self._settle(key, j):
-            tier.remove(key)  # an older copy under a newer one: nothing to keep
-            return
-        held = self._held_from(key, j + 1)
+        held = self._held_same(key, j + 1)
         if not held and j + 1 < len(self.tiers):
             entry = self._peek(tier, key) or tier.get(key)  # a lease: the block waits for the demotion
             if entry is not None and self._place(j + 1, entry):
                 self._count(tier, "demotions")
             elif entry is not None:
                 self._count(tier, "dropped")
+                self._note_dropped(key, j + 1)
         elif not held:
             self._count(tier, "dropped")
         tier.remove(key)
 
-    def _settle(self, key: str, j: int) -> bool:
-        """For a key put since its lower copies were made, about to leave tier j: False if a faster tier
-        holds a newer copy (tier j's is old). Otherwise tier j's is the newest: the older copies below
-        it are removed (so demotion writes this one, and no restart can bring an old one back)."""
-        if self._held_between(key, 0, j):
+    def _held_same(self, key: str, start: int) -> bool:
+        """Whether a tier at or below `start` holds the bytes of a promoted copy of `key` (then an
+        eviction need not write). Forgets the promotion: the copy is leaving."""
+        if key not in self._promoted:
             return False
-        for k in range(j + 1, len(self.tiers)):
-            tier = self.tiers[k]
-            if self._call(tier, tier.contains, key, default=False):
-                with self._locks[k]:
-                    self._call(tier, tier.remove, key, default=0)
-        with self._pending_lock:
-            self._pending.pop(key, None)  # a queued older write: the worker skips it (see _drain)
-        self._dirty.discard(key)
-        return True
-
-    def _held_between(self, key: str, start: int, stop: int) -> bool:
-        return any(self._call(t, t.contains, key, default=False) for t in self.tiers[start:stop])
+        self._promoted.discard(key)
+        return self._held_from(key, start)
 
     # ---- write-behind ----------------------------------------------------------------------------
 
@@ -418,11 +456,9 @@ class TieredStore:
                 if item is _STOP:
                     return
                 j, entry = item
-                with self._pending_lock:
-                    current = self._pending.get(entry.key) is entry
-                # superseded by a later write of the key, or cancelled as older than a newer put
-                if current and not self._place(j, entry):
+                if not self._place(j, entry):
                     self._count(self.tiers[j], "dropped")
+                    self._note_dropped(entry.key, j)
                 self._unpend(entry)
             except Exception as e:  # the worker must outlive any one bad write
                 self._fault(self.tiers[item[0]], e)
@@ -456,7 +492,7 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
-        self._dirty.discard(key)
+        self._promoted.discard(key)
         with self._pending_lock:
             removed = self._pending.pop(key, None) is not None
         for j, tier in enumerate(self.tiers):
@@ -477,7 +513,7 @@ class TieredStore:
         """Forget everything (pins too)."""
         self.flush()
         self._pinned.clear()
-        self._dirty.clear()
+        self._promoted.clear()
         for j, tier in enumerate(self.tiers):
             with self._locks[j]:
                 self._call(tier, tier.clear, default=None)
@@ -495,18 +531,18 @@ class TieredStore:
             tier.close()
 
     def _persist(self) -> None:
-        """Copy entries held only in memory tiers into the first slow tier, most recently used last."""
+        """Copy entries held in memory tiers into the first slow tier, most recently used last. Slower
+        memory tiers first: a faster tier's copy of a key is never older (a put removes older copies
+        above where it lands), so it is the one written last, in queue order."""
         slow = next((j for j, t in enumerate(self.tiers) if t.slow), None)
         if slow is None:
             return
-        for i, tier in enumerate(self.tiers[:slow]):
+        for tier in reversed(self.tiers[:slow]):
             for key in tier.lru_keys():
                 entry = self._peek(tier, key)
-                if entry is None:
-                    continue
-                if key in self._dirty and not self._settle(key, i):
-                    continue  # a faster tier holds a newer copy, written down in its turn
-                if not self._held_from(key, slow):
+                # a promoted copy's source is still below: nothing to write; any other copy is
+                # written over what the slow tier holds (maybe an older version)
+                if entry is not None and not self._held_same(key, slow):
                     self._place(slow, entry)
 
     def _held_from(self, key: str, start: int) -> bool:
@@ -597,3 +633,11 @@ def _release_frames(error: BaseException | None) -> None:
     while error is not None and seen < 16:
         traceback.clear_frames(error.__traceback__)
         error, seen = error.__cause__ or error.__context__, seen + 1
+
+
+_STAMP_BUCKETS = 4096
+_MAX_SHADOWED = 1 << 20  # keys (~100 MB at most); past it, an outage's older copies may come back
+
+
+def _bucket(key: str) -> int:
+    return hash(key) % _STAMP_BUCKETS

@@ -96,3 +96,100 @@ def test_sixteen_threads_host_and_redis(redis_url, redis_prefix):
     assert errors == []
     _check_all(store)
     store.close()
+
+
+# ---- a newer acknowledged put is never replaced by an older copy (scenarios from a review) -------------
+
+
+def _version(entry) -> int | None:
+    """Which seed made this tiny entry (the version the test put), or None."""
+    if entry is None:
+        return None
+    return next(s for s in range(100) if torch.equal(tiny_entry(entry.key, seed=s).kv, entry.kv))
+
+
+def _host_disk(tmp_path, host_entries: int) -> TieredStore:
+    disk = DiskTier(tmp_path / "disk", 1000 * encoded_nbytes(tiny_entry("0" * 32)))
+    return TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(host_entries * ENTRY_BYTES), disk])
+
+
+def test_a_get_that_read_an_old_copy_does_not_promote_it_over_a_newer_put(tmp_path):
+    store = _host_disk(tmp_path, 2)
+    key = _key(0, 1)
+    store.put(tiny_entry(key, seed=1))
+    store.put(tiny_entry(_key(0, 2)))
+    store.put(tiny_entry(_key(0, 3)))
+    store.flush()  # version 1 on disk only
+    store._locks[0].acquire()  # the reader's disk read is done; it waits to promote (as behind a put)
+    reader = threading.Thread(target=store.get, args=(key,))
+    reader.start()
+    reader.join(0.2)
+    store.put(tiny_entry(key, seed=2))  # acknowledged while the reader holds version 1
+    store._locks[0].release()
+    reader.join()
+    store.flush()
+    assert _version(store.get(key)) == 2
+    store.close()
+
+
+def test_puts_racing_evictions_of_the_same_key_keep_the_last_version(tmp_path):
+    for _ in range(3):
+        store = _host_disk(tmp_path / str(random.random()), 2)
+        key, stop = _key(0, 1), threading.Event()
+
+        def filler(store: TieredStore, stop: threading.Event, t: int) -> None:
+            i = 0
+            while not stop.is_set():
+                store.put(tiny_entry(_key(t + 1, i % 50)))
+                i += 1
+
+        threads = [threading.Thread(target=filler, args=(store, stop, t)) for t in range(3)]
+        for th in threads:
+            th.start()
+        for v in range(200):
+            store.put(tiny_entry(key, seed=1 + v % 98))
+        store.put(tiny_entry(key, seed=99))  # the last acknowledged version
+        stop.set()
+        for th in threads:
+            th.join()
+        for i in range(3):  # push it out of the host tier
+            store.put(tiny_entry(_key(9, i)))
+        store.flush()
+        assert _version(store.get(key)) == 99
+        store.close()
+
+
+def test_redis_unreachable_when_a_newer_copy_is_dropped_never_serves_its_older_one(own_redis_paused):
+    pause, resume, url = own_redis_paused
+    redis_tier = RedisTier(url, 1 << 20, "kvfuse-test-shadow:", timeout_s=0.3)
+    config = StoreConfig(lease_wait_s=0.01, redis_retry_s=0.3, redis_timeout_s=0.3)
+    store = TieredStore(config, tiers=[HostTier(2 * ENTRY_BYTES), redis_tier])
+    key = _key(0, 1)
+    for k, seed in ((key, 1), (_key(0, 2), 0), (_key(0, 3), 0)):
+        store.put(tiny_entry(k, seed=seed))
+    store.flush()  # version 1 in Redis
+    store.put(tiny_entry(key, seed=2))
+    pause()  # Redis stalls: version 2's demotion is dropped, version 1 stays in Redis
+    store.put(tiny_entry(_key(0, 4)))
+    store.put(tiny_entry(_key(0, 5)))
+    store.flush()
+    resume()
+    import time
+
+    time.sleep(0.4)  # past the retry time
+    assert store.get(key) is None  # a miss, never version 1
+    assert not redis_tier.contains(key)  # and the old copy is gone from Redis
+    store.close()
+
+
+def test_write_through_reaches_every_slow_tier(tmp_path, redis_url, redis_prefix):
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    redis_tier = RedisTier(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(StoreConfig(write_through=True), tiers=[HostTier(8 * ENTRY_BYTES), disk, redis_tier])
+    key = _key(0, 1)
+    for seed in (1, 2):
+        for copy in (True, False):
+            store.put(tiny_entry(key, seed=seed), copy=copy)
+            store.flush()
+            assert _version(disk.get(key)) == seed and _version(redis_tier.get(key)) == seed
+    store.close()

@@ -229,7 +229,8 @@ def test_stalled_puts_are_bounded_and_cut_off():
 
     store = TieredStore(StoreConfig(host_bytes=8 << 20, write_behind=False))
     loop = asyncio.new_event_loop()
-    server = LmServer(store, inflight_bytes=3 << 19, idle_timeout_s=0.5)  # 1.5 MiB budget, 1 MiB values
+    # 1.5 MiB budget, 1 MiB values; a PUT must arrive within 0.5 s + 1 s
+    server = LmServer(store, inflight_bytes=3 << 19, idle_timeout_s=0.5, min_rate=1 << 20)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -249,7 +250,16 @@ def test_stalled_puts_are_bounded_and_cut_off():
         fresh = LmClient(server.port)
         fresh.send(HEALTH, "")
         assert fresh.reply()[0] == 200
-        for c in (stalled, waiting, fresh):
+        # a client trickling a byte every 0.3 s (never idle for 0.5 s) is cut off by the rate floor
+        trickler = LmClient(server.port)
+        trickler.send(PUT, "model@1@0@trickle@half", 1 << 20, 1, 6, (1 << 20, 0, 0, 0))
+        start = time.monotonic()
+        with pytest.raises((ConnectionError, OSError)):
+            while time.monotonic() - start < 10:
+                trickler.sock.sendall(b"x")
+                time.sleep(0.3)
+        assert time.monotonic() - start < 5 and server._inflight == 0
+        for c in (stalled, waiting, fresh, trickler):
             c.close()
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
