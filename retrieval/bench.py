@@ -347,14 +347,14 @@ def draw(result: dict[str, Any], path: Path) -> None:
     for i, m in enumerate(methods):
         xs = [j + i * width for j in range(len(lengths))]
         rows = [acc.get(f"{m}@{n}", {}) for n in lengths]
-        axes[0].bar(xs, [r.get("accuracy", 0) for r in rows], width, label=m)
+        axes[0].bar(xs, [r.get("accuracy", 0) for r in rows], width, label=m, color=f"C{i}")
         for x, r in zip(xs, rows, strict=True):
             if r:
                 axes[0].text(
                     x, r["accuracy"] + 0.01, f"{r['correct']}/{r['probes']}", ha="center", fontsize=6
                 )
         if m != "full":
-            axes[1].bar(xs, [r.get("retrieval_rate", 0) for r in rows], width, label=m)
+            axes[1].bar(xs, [r.get("retrieval_rate", 0) for r in rows], width, label=m, color=f"C{i}")
             after = [r.get("retrieval_rate_after_first", 0) for r in rows]
             axes[1].scatter(xs, after, color="black", marker="_", s=60, zorder=3)
     axes[1].axhline(0.3, color="grey", linestyle="--", linewidth=0.8)
