@@ -20,3 +20,44 @@ def tiny_entry(key: str, tokens: int = 4, seed: int = 0) -> Entry:
 
 
 ENTRY_BYTES = tiny_entry("x").nbytes  # tensor + positions bytes of one 4-token TINY entry
+
+
+def start_redis(folder, *extra: str, attempts: int = 5):
+    """A private redis-server in `folder` on a free port below 55000 (a cluster node also binds port +
+    10000), answering PING: (process, port). Skips without the binary (fails under CI=true); raises
+    if it never answers. Every client call here has a timeout: a port taken between our probe and the
+    server's bind must not hang the run on a peer that never replies."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import pytest
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server binary not installed (CI=true: this must not be skipped)")
+        pytest.skip("redis-server binary not installed")
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 55000:
+            continue
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, cwd=folder)
+        client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=1)
+        for _ in range(100):
+            if proc.poll() is not None:
+                break  # it could not bind: try another port
+            try:
+                if client.ping():
+                    return proc, port
+            except redis.exceptions.RedisError:
+                time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=10)
+    raise RuntimeError(f"no private redis-server answered in {attempts} attempts")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
 import time
 
 import pytest
 import redis
 import torch
-from kvstore_helpers import ENTRY_BYTES, tiny_entry
+from kvstore_helpers import ENTRY_BYTES, start_redis, tiny_entry
 
 from kvstore import StoreConfig, TieredStore
 from kvstore.format import encoded_nbytes
@@ -96,20 +93,9 @@ def _free_port() -> int:
 @pytest.fixture
 def own_redis(tmp_path):
     """A private redis-server (TCP and unix socket) that a test may kill."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server binary not installed")
-    port, sock = _free_port(), tmp_path / "redis.sock"
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([*args, "--unixsocket", str(sock)], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            if redis.Redis.from_url(url).ping():
-                break
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    yield proc, url, f"unix://{sock}"
+    sock = tmp_path / "redis.sock"
+    proc, port = start_redis(tmp_path, "--unixsocket", str(sock))
+    yield proc, f"redis://127.0.0.1:{port}/0", f"unix://{sock}"
     proc.kill()
     proc.wait(timeout=10)
 
@@ -151,23 +137,10 @@ def test_redis_stopped_mid_run_leaves_the_local_tiers_working(own_redis, tmp_pat
 def redis_cluster(tmp_path):
     """A real one-node Redis Cluster (cluster mode on, all 16384 slots on the node): the cluster client's
     code paths (slot routing, cluster pipelines, scripts on one slot) run as against a larger cluster."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server binary not installed (CI=true: this must not be skipped)")
-        pytest.skip("redis-server binary not installed")
-    port = _free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, cwd=tmp_path)
-    node = redis.Redis(port=port)
+    conf = str(tmp_path / "nodes.conf")
+    proc, port = start_redis(tmp_path, "--cluster-enabled", "yes", "--cluster-config-file", conf)
+    node = redis.Redis(port=port, socket_connect_timeout=2, socket_timeout=2)
     try:
-        for _ in range(100):
-            try:
-                node.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
         node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         for _ in range(100):
             if b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO"):
