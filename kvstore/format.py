@@ -131,7 +131,12 @@ class Entry:
         move = (lambda t: t.to(device, copy=True)) if copy else (lambda t: t.to(device))
         tensors = {name: move(t) for name, t in self.tensors.items()}
         positions = None if self.positions is None else move(self.positions)
-        return Entry(self.key, self.layout, tensors, positions, dict(self.meta))
+        # not copied: the same bytes nobody writes, so a frozen entry's verified checksum still holds
+        frozen = self.frozen and not copy
+        moved = Entry(self.key, self.layout, tensors, positions, dict(self.meta), frozen=frozen)
+        if frozen:
+            moved._checksum = self._checksum
+        return moved
 
 
 def _header(entry: Entry) -> bytes:
@@ -161,6 +166,11 @@ def encode(entry: Entry) -> list[bytes | memoryview]:
     header = _header(entry)
     payload = [raw_bytes(t) for t in entry.tensors.values()]
     return [_PREFIX.pack(MAGIC, len(header), _checksum(entry, header, payload)), header, *payload]
+
+
+def prefix_checksum(prefix: bytes | memoryview) -> int:
+    """The checksum an encoded entry's prefix (the first buffer `encode` returns) carries."""
+    return _PREFIX.unpack_from(prefix)[2]
 
 
 def _checksum(entry: Entry, header: bytes, payload: list[memoryview]) -> int:

@@ -93,10 +93,9 @@ class TieredStore:
         self._down: dict[str, tuple[float, str]] = {}  # tier name -> (retry at, last error)
         self._pending: dict[str, Entry] = {}  # queued for a slow tier, still readable
         self._pending_lock = threading.Lock()
-        # Keys whose copy in a faster tier was promoted from a lower tier and not put since: only these
-        # may skip the write when evicted, because the lower copy holds the same bytes. Any other copy
-        # is written down over whatever a lower tier holds (maybe an older version).
-        self._promoted: set[str] = set()
+        # Queued slow writes per key: a write is done (and skipped if the key was removed meanwhile)
+        # in queue order, and the key leaves `_pending` only with its last queued write.
+        self._queued: dict[str, int] = {}
         # Puts per key bucket: a get that read a lower tier promotes only if no put of a key in the same
         # bucket happened meanwhile (it would copy an old version over the new one). Fixed size: a
         # collision only skips a promotion.
@@ -104,7 +103,7 @@ class TieredStore:
         # Keys whose newest copy was dropped while a networked tier (Redis) was unreachable: that tier
         # may still hold an older version, which is never served (a miss) and is removed once reachable.
         self._shadowed: set[str] = set()
-        self._sync_writes = 0  # writes the caller did itself because the queue was full
+        self._queue_waits = 0  # slow writes whose caller waited because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
         if self.config.write_behind and any(t.slow for t in self.tiers):
@@ -234,7 +233,6 @@ class TieredStore:
                 return False
             if not self._place(0, stored, stop=j):
                 return False
-            self._promoted.add(key)
         self._count(self.tiers[j], "promotions")
         return True
 
@@ -273,9 +271,11 @@ class TieredStore:
             # down after this one is placed, and no promotion of an older copy lands over it.
             with self._locks[0]:
                 self._put_stamps[_bucket(entry.key)] += 1
-                self._promoted.discard(entry.key)
                 self._shadowed.discard(entry.key)
                 placed = self._place(0, entry, borrowed=borrowed, replace=True)
+                # again once placed: a get that read the stamp before the put placed its copy, and
+                # an old copy below it, must not promote that copy either
+                self._put_stamps[_bucket(entry.key)] += 1
         except BaseException:
             if added_pin:
                 self._pinned.discard(entry.key)
@@ -345,6 +345,8 @@ class TieredStore:
                 if tier.pooled:
                     return self._put_pooled(j, entry)
                 tier.put(entry)
+                if tier.networked:  # this version is there now: nothing older to hide
+                    self._shadowed.discard(entry.key)
                 return True
         except TierUnavailable as e:
             self._fault(tier, e)
@@ -404,25 +406,28 @@ class TieredStore:
         same bytes) a lower tier still holds. Any other copy is written down over a lower one."""
         tier = self.tiers[j]
         self._count(tier, "evictions")
-        held = self._held_same(key, j + 1)
-        if not held and j + 1 < len(self.tiers):
+        if j + 1 == len(self.tiers):
+            self._count(tier, "dropped")
+        else:
             entry = self._peek(tier, key) or tier.get(key)  # a lease: the block waits for the demotion
-            if entry is not None and self._place(j + 1, entry):
+            if entry is None or self._same_below(j + 1, entry):
+                pass  # gone meanwhile, or the next tier holds these very bytes (a promoted copy)
+            elif self._place(j + 1, entry, replace=True):
                 self._count(tier, "demotions")
-            elif entry is not None:
+            else:
                 self._count(tier, "dropped")
                 self._note_dropped(key, j + 1)
-        elif not held:
-            self._count(tier, "dropped")
         tier.remove(key)
 
-    def _held_same(self, key: str, start: int) -> bool:
-        """Whether a tier at or below `start` holds the bytes of a promoted copy of `key` (then an
-        eviction need not write). Forgets the promotion: the copy is leaving."""
-        if key not in self._promoted:
+    def _same_below(self, k: int, entry: Entry) -> bool:
+        """Whether tier k holds exactly `entry`'s bytes (same checksum; tiers that keep no checksums
+        never say so), so writing it down would change nothing. Only then may an eviction skip the
+        write: any other copy below may be an older version."""
+        held = entry._checksum
+        if held is None:
             return False
-        self._promoted.discard(key)
-        return self._held_from(key, start)
+        tier = self.tiers[k]
+        return self._call(tier, tier.checksum_of, entry.key, default=None) == held[1]
 
     # ---- write-behind ----------------------------------------------------------------------------
 
@@ -430,22 +435,26 @@ class TieredStore:
         """Queue a slow write; False when the queue is full (the caller then writes it itself)."""
         with self._pending_lock:
             self._pending[entry.key] = entry
+            self._queued[entry.key] = self._queued.get(entry.key, 0) + 1
         try:
             self._queue.put_nowait((j, entry))
-            return True
         except queue.Full:
-            self._sync_writes += 1
-            placed = self._place_sync(j, entry)
-            self._unpend(entry)
-            return placed
-
-    def _place_sync(self, j: int, entry: Entry) -> bool:
-        return any(
-            self._usable(self.tiers[k]) and self._place_here(k, entry) for k in range(j, len(self.tiers))
-        )
+            # Back-pressure: wait for room. Writing it here instead could overtake an older queued
+            # write of the same key, which would then land over it. The worker never waits here (it
+            # writes its own cascades directly) and takes no lock a waiting caller holds (callers hold
+            # memory tiers' locks; the worker takes only slow tiers'), so the wait always ends.
+            self._queue_waits += 1
+            self._queue.put((j, entry))
+        return True
 
     def _unpend(self, entry: Entry) -> None:
+        """One queued write of `entry.key` is done; the key leaves `_pending` with its last one."""
         with self._pending_lock:
+            left = self._queued.get(entry.key, 0) - 1
+            if left > 0:
+                self._queued[entry.key] = left
+                return
+            self._queued.pop(entry.key, None)
             if self._pending.get(entry.key) is entry:
                 del self._pending[entry.key]
 
@@ -456,7 +465,9 @@ class TieredStore:
                 if item is _STOP:
                     return
                 j, entry = item
-                if not self._place(j, entry):
+                with self._pending_lock:
+                    wanted = entry.key in self._pending  # not removed since it was queued
+                if wanted and not self._place(j, entry):
                     self._count(self.tiers[j], "dropped")
                     self._note_dropped(entry.key, j)
                 self._unpend(entry)
@@ -492,7 +503,6 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
-        self._promoted.discard(key)
         with self._pending_lock:
             removed = self._pending.pop(key, None) is not None
         for j, tier in enumerate(self.tiers):
@@ -513,7 +523,7 @@ class TieredStore:
         """Forget everything (pins too)."""
         self.flush()
         self._pinned.clear()
-        self._promoted.clear()
+        self._shadowed.clear()
         for j, tier in enumerate(self.tiers):
             with self._locks[j]:
                 self._call(tier, tier.clear, default=None)
@@ -542,8 +552,8 @@ class TieredStore:
                 entry = self._peek(tier, key)
                 # a promoted copy's source is still below: nothing to write; any other copy is
                 # written over what the slow tier holds (maybe an older version)
-                if entry is not None and not self._held_same(key, slow):
-                    self._place(slow, entry)
+                if entry is not None and not self._same_below(slow, entry):
+                    self._place(slow, entry, replace=True)
 
     def _held_from(self, key: str, start: int) -> bool:
         """Whether a tier at or below `start` holds `key` (moves nothing)."""
@@ -619,7 +629,7 @@ class TieredStore:
             out["tiers"][tier.name] = row
         with self._pending_lock:
             out["pending_writes"] = len(self._pending)
-        out["sync_writes"] = self._sync_writes
+        out["queue_waits"] = self._queue_waits
         out["pinned"] = len(self._pinned)
         return out
 

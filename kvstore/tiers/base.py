@@ -84,6 +84,12 @@ class Tier(ABC):
         """Bytes `entry` would take in this tier (memory tiers: tensor bytes; others: encoded bytes)."""
         return entry.nbytes
 
+    def checksum_of(self, key: str) -> int | None:
+        """The xxh3 checksum of the stored entry's bytes when the tier knows it without reading them
+        (the disk tier keeps those it wrote or read); None otherwise. Lets an eviction skip writing
+        down bytes the next tier already holds."""
+        return None
+
     def lru_keys(self) -> Iterator[str]:
         """Keys from least to most recently used (eviction candidates, in order)."""
         return iter(self.keys())
@@ -150,6 +156,13 @@ class LruIndex:
             self._items[key] = (value, nbytes)
             self._items.move_to_end(key)
             self._bytes += nbytes - freed
+
+    def set_value(self, key: str, value: object) -> None:
+        """Replace a held key's value (LRU order and bytes unchanged)."""
+        with self.lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items[key] = (value, item[1])
 
     def pop(self, key: str) -> tuple[object, int] | None:
         with self.lock:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import xxhash
 
-from kvstore.format import PREFIX_BYTES, CorruptEntry, Entry, decode, encode, encoded_nbytes
+from kvstore.format import PREFIX_BYTES, CorruptEntry, Entry, decode, encode, encoded_nbytes, prefix_checksum
 from kvstore.tiers.base import LruIndex, Tier, TierUsage
 from kvstore.tiers.pool import BytePool
 
@@ -96,10 +96,12 @@ class DiskTier(Tier):
         final = self.path(entry.key)
         final.parent.mkdir(exist_ok=True)
         tmp = final.parent / f"{TMP_PREFIX}{entry.key}-{uuid.uuid4().hex}"
-        size = self._write(tmp, encode(entry))
+        parts = encode(entry)
+        size = self._write(tmp, parts)
         try:
             with self._index.lock:
-                self._index.add(entry.key, None, size)  # TierFull leaves the index untouched
+                # the index keeps the file's checksum (see checksum_of); TierFull leaves it untouched
+                self._index.add(entry.key, prefix_checksum(parts[0]), size)
                 os.replace(tmp, final)
                 self._stamp(final)
         except BaseException:
@@ -140,6 +142,7 @@ class DiskTier(Tier):
             self._forget(key, ino)
             return None
         self._touch(key)
+        self._index.set_value(key, checksum)
         return entry
 
     def _read(self, path: Path) -> tuple[torch.Tensor, int, int]:
@@ -224,6 +227,12 @@ class DiskTier(Tier):
                 pass
             if not path.exists():
                 self._index.pop(key)
+
+    def checksum_of(self, key: str) -> int | None:
+        """The checksum of the file this tier wrote or read for `key` (None after a restart until the
+        file is read: the index is rebuilt from names and sizes only)."""
+        value = self._index.get(key, touch=False)
+        return value if isinstance(value, int) else None
 
     def remove(self, key: str) -> int:
         with self._index.lock:

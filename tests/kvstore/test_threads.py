@@ -105,7 +105,8 @@ def _version(entry) -> int | None:
     """Which seed made this tiny entry (the version the test put), or None."""
     if entry is None:
         return None
-    return next(s for s in range(100) if torch.equal(tiny_entry(entry.key, seed=s).kv, entry.kv))
+    tokens = entry.kv.shape[2]
+    return next(s for s in range(100) if torch.equal(tiny_entry(entry.key, tokens, seed=s).kv, entry.kv))
 
 
 def _host_disk(tmp_path, host_entries: int) -> TieredStore:
@@ -192,4 +193,59 @@ def test_write_through_reaches_every_slow_tier(tmp_path, redis_url, redis_prefix
             store.put(tiny_entry(key, seed=seed), copy=copy)
             store.flush()
             assert _version(disk.get(key)) == seed and _version(redis_tier.get(key)) == seed
+    store.close()
+
+
+class _GateDisk(DiskTier):
+    """A disk tier whose write of `gate_key` waits for `gate` (a slow write the worker is busy with)."""
+
+    gate_key: str | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def entry_size(self, entry):
+        if entry.key == self.gate_key:
+            self.entered.set()
+            self.gate.wait(10)
+        return super().entry_size(entry)
+
+
+def test_a_removed_key_is_not_written_back_by_its_queued_demotion(tmp_path):
+    disk = _GateDisk(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk])
+    key, slow = _key(0, 1), _key(0, 2)
+    disk.gate_key = slow
+    store.put(tiny_entry(slow))
+    store.put(tiny_entry(key, seed=1))  # the slow key's demotion keeps the worker busy
+    assert disk.entered.wait(10)
+    store.put(tiny_entry(_key(0, 3)))  # the key's demotion queued behind it
+    assert store.remove(key) and not store.contains(key)
+    disk.gate.set()
+    store.flush()
+    assert not store.contains(key) and store.get(key) is None
+    store.close()
+
+
+def test_a_write_down_removes_an_older_copy_it_cannot_replace(tmp_path):
+    """The version evicted from the top tier does not fit the middle tier, which holds the older one:
+    it lands on disk, and the older copy may not stay above it."""
+    from kvstore.tiers.host import MemoryTier
+
+    big = tiny_entry(_key(0, 1), tokens=8, seed=2)
+    top, middle = MemoryTier(2 * big.nbytes), MemoryTier(ENTRY_BYTES + 8)
+    middle.name = "middle"
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[top, middle, disk])
+    store.put(tiny_entry(big.key, seed=1))
+    store.put(tiny_entry(_key(0, 5), tokens=8))
+    store.put(tiny_entry(_key(0, 6), tokens=8))
+    store.flush()
+    assert middle.contains(big.key)  # version 1, pushed down
+    store.put(big)  # version 2, larger than the middle tier
+    store.put(tiny_entry(_key(0, 7), tokens=8))
+    store.put(tiny_entry(_key(0, 8), tokens=8))
+    store.flush()
+    assert _version(store.get(big.key)) == 2 and not middle.contains(big.key)
     store.close()
