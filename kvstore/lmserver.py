@@ -198,8 +198,8 @@ class LmServer:
             buffer = self.buffers.take(req.length)  # memory used before, if a released one fits
             try:
                 # a client trickling a byte at a time would hold its share of the budget forever
-                deadline = self.idle_timeout_s + req.length / self.min_rate
-                await asyncio.wait_for(_recv_into(sock, buffer.data, idle_s=self.idle_timeout_s), deadline)
+                within = self.idle_timeout_s + req.length / self.min_rate
+                await _recv_into(sock, buffer.data, idle_s=self.idle_timeout_s, within_s=within)
             except BaseException:
                 del buffer  # released before the waiting PUTs are let in
                 raise
@@ -240,15 +240,28 @@ class LmServer:
 
 
 async def _recv_into(
-    sock: socket.socket, view: memoryview, at_boundary: bool = False, idle_s: float | None = None
+    sock: socket.socket,
+    view: memoryview,
+    at_boundary: bool = False,
+    idle_s: float | None = None,
+    within_s: float | None = None,
 ) -> bool:
     """Fill `view`; False on a clean close before the first byte at a request boundary. `idle_s`: a
-    client that sends nothing for that long is cut off (TimeoutError); between requests, connections
-    may idle as long as they like (LMCache keeps its connection open)."""
+    client that sends nothing for that long is cut off (TimeoutError), and `within_s`: one that takes
+    longer in all; between requests, connections may idle as long as they like (LMCache keeps its
+    connection open). One timeout per read, never nested: Python 3.11's wait_for can lose an outer
+    cancellation when the inner read completes at the same moment."""
     loop = asyncio.get_running_loop()
+    end = None if within_s is None else loop.time() + within_s
     got = 0
     while got < len(view):
-        n = await asyncio.wait_for(loop.sock_recv_into(sock, view[got:]), idle_s)
+        timeout = idle_s
+        if end is not None:
+            left = end - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"value not received within {within_s:.1f} s")
+            timeout = left if timeout is None else min(timeout, left)
+        n = await asyncio.wait_for(loop.sock_recv_into(sock, view[got:]), timeout)
         if n == 0:
             if got == 0 and at_boundary:
                 return False

@@ -422,10 +422,14 @@ class TieredStore:
     def _same_below(self, k: int, entry: Entry) -> bool:
         """Whether tier k holds exactly `entry`'s bytes (same checksum; tiers that keep no checksums
         never say so), so writing it down would change nothing. Only then may an eviction skip the
-        write: any other copy below may be an older version."""
+        write: any other copy below may be an older version, and so may a write of the key still
+        queued (it would land after this eviction)."""
         held = entry._checksum
         if held is None:
             return False
+        with self._pending_lock:
+            if self._queued.get(entry.key):
+                return False
         tier = self.tiers[k]
         return self._call(tier, tier.checksum_of, entry.key, default=None) == held[1]
 
@@ -470,6 +474,12 @@ class TieredStore:
                 if wanted and not self._place(j, entry):
                     self._count(self.tiers[j], "dropped")
                     self._note_dropped(entry.key, j)
+                elif wanted:
+                    with self._pending_lock:
+                        removed = entry.key not in self._pending
+                    if removed:  # remove() ran while this write was under way: undo it
+                        for k in range(j, len(self.tiers)):
+                            self._call(self.tiers[k], self.tiers[k].remove, entry.key, default=0)
                 self._unpend(entry)
             except Exception as e:  # the worker must outlive any one bad write
                 self._fault(self.tiers[item[0]], e)

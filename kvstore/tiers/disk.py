@@ -142,7 +142,10 @@ class DiskTier(Tier):
             self._forget(key, ino)
             return None
         self._touch(key)
-        self._index.set_value(key, checksum)
+        # only if no put replaced the file since it was read
+        with self._index.lock, contextlib.suppress(OSError):
+            if os.stat(self.path(key)).st_ino == ino:
+                self._index.set_value(key, checksum)
         return entry
 
     def _read(self, path: Path) -> tuple[torch.Tensor, int, int]:

@@ -249,3 +249,18 @@ def test_a_write_down_removes_an_older_copy_it_cannot_replace(tmp_path):
     store.flush()
     assert _version(store.get(big.key)) == 2 and not middle.contains(big.key)
     store.close()
+
+
+def test_a_key_removed_while_its_write_is_under_way_stays_removed(tmp_path):
+    disk = _GateDisk(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk])
+    key = _key(0, 1)
+    disk.gate_key = key
+    store.put(tiny_entry(key, seed=1))
+    store.put(tiny_entry(_key(0, 2)))  # the key's demotion: the worker is inside its write
+    assert disk.entered.wait(10)
+    assert store.remove(key)
+    disk.gate.set()
+    store.flush()
+    assert not store.contains(key) and store.get(key) is None
+    store.close()
