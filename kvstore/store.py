@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -204,8 +205,7 @@ class TieredStore:
             elif tier.networked:
                 self._forget_shadowed(k, key)
             elif self._call(tier, tier.contains, key, default=False):
-                with self._locks[k]:
-                    self._call(tier, tier.remove, key, default=0)
+                self._drop_older([k], key)
 
     def get_resident(self, key: str, copy: bool = True) -> Entry | None:
         """The entry when the top tier holds it in memory, else None (then `get` looks further): never
@@ -321,15 +321,16 @@ class TieredStore:
                 continue
             if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
                 # the worker tries tier j, then the ones below it
-                placed = self._enqueue(j, self._copy(entry) if borrowed else entry)
-                return self._drop_older(older, entry.key) if placed else False
+                self._enqueue(j, self._copy(entry) if borrowed else entry)
+                return self._drop_older(older, entry.key)
             if self._place_here(j, self._copy(entry) if borrowed and tier.keeps_tensors else entry):
                 return self._drop_older(older, entry.key)
             if replace and self._call(tier, tier.contains, entry.key, default=False):
                 older.append(j)
         return False
 
-    def _drop_older(self, tiers: list[int], key: str) -> bool:
+    def _drop_older(self, tiers: Iterable[int], key: str) -> bool:
+        """Remove `key` from these tiers (copies a newer one replaces); True, for `_place`'s return."""
         for j in tiers:
             with self._locks[j]:
                 self._call(self.tiers[j], self.tiers[j].remove, key, default=0)
@@ -402,8 +403,8 @@ class TieredStore:
         return True
 
     def _evict(self, j: int, key: str) -> None:
-        """Remove `key` from tier j, demoting it first unless it is a promoted copy whose source (the
-        same bytes) a lower tier still holds. Any other copy is written down over a lower one."""
+        """Remove `key` from tier j, demoting it first unless the next tier holds the same bytes (a
+        promoted copy, see `_same_below`). Any other copy is written down over a lower one."""
         tier = self.tiers[j]
         self._count(tier, "evictions")
         if j + 1 == len(self.tiers):
@@ -435,8 +436,8 @@ class TieredStore:
 
     # ---- write-behind ----------------------------------------------------------------------------
 
-    def _enqueue(self, j: int, entry: Entry) -> bool:
-        """Queue a slow write; False when the queue is full (the caller then writes it itself)."""
+    def _enqueue(self, j: int, entry: Entry) -> None:
+        """Queue a slow write; when the queue is full, wait for room."""
         with self._pending_lock:
             self._pending[entry.key] = entry
             self._queued[entry.key] = self._queued.get(entry.key, 0) + 1
@@ -449,7 +450,6 @@ class TieredStore:
             # memory tiers' locks; the worker takes only slow tiers'), so the wait always ends.
             self._queue_waits += 1
             self._queue.put((j, entry))
-        return True
 
     def _unpend(self, entry: Entry) -> None:
         """One queued write of `entry.key` is done; the key leaves `_pending` with its last one."""
@@ -478,8 +478,7 @@ class TieredStore:
                     with self._pending_lock:
                         removed = entry.key not in self._pending
                     if removed:  # remove() ran while this write was under way: undo it
-                        for k in range(j, len(self.tiers)):
-                            self._call(self.tiers[k], self.tiers[k].remove, entry.key, default=0)
+                        self._drop_older(range(j, len(self.tiers)), entry.key)
                 self._unpend(entry)
             except Exception as e:  # the worker must outlive any one bad write
                 self._fault(self.tiers[item[0]], e)
@@ -564,10 +563,6 @@ class TieredStore:
                 # written over what the slow tier holds (maybe an older version)
                 if entry is not None and not self._same_below(slow, entry):
                     self._place(slow, entry, replace=True)
-
-    def _held_from(self, key: str, start: int) -> bool:
-        """Whether a tier at or below `start` holds `key` (moves nothing)."""
-        return any(self._call(t, t.contains, key, default=False) for t in self.tiers[start:])
 
     def __enter__(self) -> TieredStore:
         return self

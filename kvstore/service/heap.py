@@ -20,8 +20,9 @@ def freeze_heap() -> None:
 
 def heap_stats() -> dict[str, Any]:
     """Objects frozen, and per generation: collections so far and objects collected."""
+    generations = gc.get_stats()
     return {
         "frozen_objects": gc.get_freeze_count(),
-        "collections": [g["collections"] for g in gc.get_stats()],
-        "collected": [g["collected"] for g in gc.get_stats()],
+        "collections": [g["collections"] for g in generations],
+        "collected": [g["collected"] for g in generations],
     }
