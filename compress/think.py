@@ -3,7 +3,8 @@
 Per KV head h and channel c the score is `||Q_w[:, c]|| * ||K[:, c]||`, Q_w = the last `window` prompt
 queries (post-RoPE) of the head's query group. The `int(D * lam)` lowest channels are pruned from every
 prompt key older than the window: those keys are stored as a `[T_old, D_kept]` tensor plus the kept
-channel index. The window's keys, every later key and all values stay full width. Attention scales by
+channel index (one byte per kept channel: the paper stores a channel mask, and an int64 index cost 8x
+that for no information). The window's keys, every later key and all values stay full width. Attention scales by
 the original `1/sqrt(D)`: `softmax(concat(q[kept] . K_pruned, q . K_full) / sqrt(D)) . V`.
 kvpress's ThinKPress zeroes the channels instead (same scores, no bytes saved).
 """
@@ -39,6 +40,11 @@ def channel_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return q_norm * k_norm
 
 
+def index_dtype(head_dim: int) -> torch.dtype:
+    """The smallest integer dtype that holds a channel number of `head_dim` channels."""
+    return torch.uint8 if head_dim <= 256 else torch.int16
+
+
 def pruned_channels(head_dim: int, lam: float) -> int:
     """How many channels lambda prunes (`int(D * lam)`, as the spec, ThinK's code and kvpress round: 25 of
     64 at 0.4, so the saving stays below lam/2); ValueError if it would prune all of them."""
@@ -51,7 +57,8 @@ def pruned_channels(head_dim: int, lam: float) -> int:
 @dataclass
 class ThinKLayer(CompressedLayer):
     """`k`: full-width keys of the window and later tokens; `v`: every value, in token order;
-    `k_pruned`: `[batch, kv_heads, T_old, D_kept]` older prompt keys; `channels`: `[batch, kv_heads, D_kept]`.
+    `k_pruned`: `[batch, kv_heads, T_old, D_kept]` older prompt keys; `channels`: `[batch, kv_heads, D_kept]`
+    kept channel numbers (uint8 up to 256 channels; widened to int64 only where torch's gather needs it).
     """
 
     method: ClassVar[str] = "think"
@@ -84,7 +91,7 @@ class ThinKLayer(CompressedLayer):
     def attend(self, call: AttnCall) -> torch.Tensor:
         q = group_queries(call.q, self.k.shape[1])
         b, h, g, r, d = q.shape
-        index = self.channels[:, :, None, None, :].expand(b, h, g, r, self.channels.shape[-1])
+        index = self.channels.long()[:, :, None, None, :].expand(b, h, g, r, self.channels.shape[-1])
         old = scores(q.gather(-1, index), self.k_pruned, call.scale)
         new = scores(q, self.k, call.scale)
         mask = tail_mask(call.q_index, self.old, self.k.shape[-2])
@@ -96,7 +103,7 @@ class ThinKLayer(CompressedLayer):
         """The keys as kvpress would hold them: full width, pruned channels zero (a reference)."""
         b, h, t, _ = self.k_pruned.shape
         full = self.k.new_zeros(b, h, t, self.k.shape[-1])
-        full.scatter_(-1, self.channels[:, :, None, :].expand(b, h, t, -1), self.k_pruned)
+        full.scatter_(-1, self.channels.long()[:, :, None, :].expand(b, h, t, -1), self.k_pruned)
         return torch.cat([full, self.k], dim=-2)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -138,6 +145,7 @@ class ThinK(Compressor):
         channels = channel_scores(queries, keys).topk(keep, dim=-1).indices.sort(dim=-1).values
         old = max(t - self.window, 0)
         k_pruned = keys[:, :, :old].gather(-1, channels[:, :, None, :].expand(b, h, old, keep))
+        channels = channels.to(index_dtype(d))
         return ThinKLayer(
             k=keys[:, :, old:].contiguous(),
             v=values.contiguous(),
@@ -147,4 +155,4 @@ class ThinK(Compressor):
 
     def restore(self, tensors: dict[str, torch.Tensor], tokens: int) -> ThinKLayer:
         t = {name: x.unsqueeze(0) for name, x in tensors.items()}
-        return ThinKLayer(k=t["k"], v=t["v"], k_pruned=t["k_pruned"], channels=t["channels"].long())
+        return ThinKLayer(k=t["k"], v=t["v"], k_pruned=t["k_pruned"], channels=t["channels"])

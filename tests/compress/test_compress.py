@@ -111,14 +111,17 @@ def test_think_bytes_equal_the_formula(engine, text_ids, tmp_path):
     t, w, d, h, layers = len(prompt), think.window, spec.head_dim, spec.num_kv_heads, spec.num_layers
     kept = d - int(d * 0.4)
     assert kept == 39
-    per_layer = h * ((t - w) * kept * 4 + kept * 8 + w * d * 4 + t * d * 4)
+    # fp32 keys and values, one byte per kept channel number (uint8: an int64 index was 8x that)
+    per_layer = h * ((t - w) * kept * 4 + kept + w * d * 4 + t * d * 4)
+    assert all(lay.channels.dtype == torch.uint8 for lay in cache.layers)
     assert kv_bytes(cache) == (layers * per_layer, t * spec.kv_bytes_per_token)
     assert kv_ratio(cache) < 1 - 0.2 * (t - w) / t + 0.01
     entry = to_entry("k" * 32, cache, KVLayout.for_spec(spec), think)
     assert entry.nbytes == layers * per_layer + t * 8  # tensors + int64 positions
     store = TieredStore(tiers=[HostTier(1 << 30)])
     store.put(entry)
-    assert store.stats()["tiers"]["host"]["bytes"] == entry.nbytes
+    pad = -(layers * h * kept) % 8  # the host pool rounds each tensor up to 8 bytes; only the index needs it
+    assert store.stats()["tiers"]["host"]["bytes"] == entry.nbytes + pad
 
 
 def test_chelsea_bytes_equal_the_formula(engine, text_ids):
@@ -316,7 +319,7 @@ def test_kvpress_think_zeroes_exactly_the_channels_think_drops(engine, text_ids)
         assert z.k.shape == full.k.shape  # no bytes saved
         dropped = z.k[0].eq(0).all(dim=1)  # [heads, dim]: channels zero at every token
         kept = torch.zeros_like(dropped)
-        kept.scatter_(1, t.channels[0], True)
+        kept.scatter_(1, t.channels[0].long(), True)
         assert torch.equal(dropped, ~kept)
 
 
