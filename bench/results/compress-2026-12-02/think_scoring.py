@@ -69,8 +69,8 @@ def main() -> None:
         for name, fn in VARIANTS.items():
             think.channel_scores = fn
             cache = compress_cache(engine, out.cache, think.ThinK(lam=0.4), seen)
+            ratio = kv_bytes(cache)[0] / full_bytes  # before teacher forcing appends the continuation
             a = agreement(full, teacher_force(engine, cache, cont, timed=1))
-            ratio = kv_bytes(cache)[0] / full_bytes
             rows[name] = {"top1": round(a["top1"], 4), "kl": round(a["kl"], 4), "ratio": round(ratio, 4)}
             print(f"  {n} {name}: {rows[name]}", file=sys.stderr, flush=True)
         think.channel_scores = CURRENT
