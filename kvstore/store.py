@@ -107,8 +107,18 @@ class TieredStore:
         self._queue_waits = 0  # slow writes whose caller waited because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
+        # close(): puts are refused once it starts and the ones under way are waited for (a put that
+        # placed after `_persist` ran, or queued after the worker stopped, was lost). `_enqueue_lock`
+        # makes "the worker still takes writes" and "queue it" one step against close's stop.
+        self._closing = threading.Condition()
+        self._closed = False
+        self._puts_active = 0
+        self._enqueue_lock = threading.Lock()
+        self._accepting = False  # the worker takes queued writes (set with it, cleared at close)
+        self._stopped = threading.Event()  # the worker did its last queued write
         if self.config.write_behind and any(t.slow for t in self.tiers):
             self._worker = threading.Thread(target=self._drain, name="kvstore-write-behind", daemon=True)
+            self._accepting = True
             self._worker.start()
         self._pinned.load(self.contains)
 
@@ -204,7 +214,7 @@ class TieredStore:
                     self._shadowed.add(key)
             elif tier.networked:
                 self._forget_shadowed(k, key)
-            elif self._call(tier, tier.contains, key, default=False):
+            elif tier.contains(key):  # even while marked down: see _drop_older
                 self._drop_older([k], key)
 
     def get_resident(self, key: str, copy: bool = True) -> Entry | None:
@@ -256,6 +266,19 @@ class TieredStore:
         """
         if not isinstance(entry, Entry):
             raise TypeError(f"put takes an Entry, got {type(entry).__name__}")
+        with self._closing:
+            if self._closed:
+                raise RuntimeError(f"put of {entry.key}: the store is closed")
+            self._puts_active += 1
+        try:
+            self._put(entry, pin, copy)
+        finally:
+            with self._closing:
+                self._puts_active -= 1
+                if self._closed and not self._puts_active:
+                    self._closing.notify_all()  # close() waits for the last one
+
+    def _put(self, entry: Entry, pin: bool, copy: bool) -> None:
         top = self.tiers[0]
         # `borrowed`: the entry still holds the caller's tensors; every placement that keeps references
         # (a memory tier that keeps tensors, the write-behind queue) copies first. The host tier copies
@@ -318,6 +341,10 @@ class TieredStore:
         for j in range(i, last):
             tier = self.tiers[j]
             if not self._usable(tier):
+                # a local tier marked down (after a write error) still answers from memory: an older
+                # copy there would be served again once it is back, above this one
+                if replace and not tier.networked and tier.contains(entry.key):
+                    older.append(j)
                 continue
             if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
                 # the worker tries tier j, then the ones below it
@@ -330,10 +357,19 @@ class TieredStore:
         return False
 
     def _drop_older(self, tiers: Iterable[int], key: str) -> bool:
-        """Remove `key` from these tiers (copies a newer one replaces); True, for `_place`'s return."""
+        """Remove `key` from these tiers (copies a newer one replaces); True, for `_place`'s return.
+
+        A local tier is asked even while marked down after a write error (its index is in memory):
+        the older copy it holds must not be served once it is back. A networked tier that is down is
+        skipped (`_note_dropped` shadows its copy)."""
         for j in tiers:
+            tier = self.tiers[j]
             with self._locks[j]:
-                self._call(self.tiers[j], self.tiers[j].remove, key, default=0)
+                if tier.networked:
+                    self._call(tier, tier.remove, key, default=0)
+                else:
+                    with contextlib.suppress(OSError):  # the index forgets it first (DiskTier.remove)
+                        tier.remove(key)
         return True
 
     def _place_here(self, j: int, entry: Entry) -> bool:
@@ -437,7 +473,17 @@ class TieredStore:
     # ---- write-behind ----------------------------------------------------------------------------
 
     def _enqueue(self, j: int, entry: Entry) -> None:
-        """Queue a slow write; when the queue is full, wait for room."""
+        """Queue a slow write; when the queue is full, wait for room. Once close() stopped the worker
+        (a get's promotion may evict while it closes), write it here after the worker's last write."""
+        with self._enqueue_lock:  # close() clears `_accepting` and queues the stop under it
+            if self._accepting:
+                self._queue_locked(j, entry)
+                return
+        # Written only once the worker is done, so no older queued write of the key lands over it.
+        self._stopped.wait()
+        self._write_down(j, entry)
+
+    def _queue_locked(self, j: int, entry: Entry) -> None:
         with self._pending_lock:
             self._pending[entry.key] = entry
             self._queued[entry.key] = self._queued.get(entry.key, 0) + 1
@@ -447,9 +493,26 @@ class TieredStore:
             # Back-pressure: wait for room. Writing it here instead could overtake an older queued
             # write of the same key, which would then land over it. The worker never waits here (it
             # writes its own cascades directly) and takes no lock a waiting caller holds (callers hold
-            # memory tiers' locks; the worker takes only slow tiers'), so the wait always ends.
+            # memory tiers' locks and `_enqueue_lock`; the worker takes only slow tiers'), so the wait
+            # always ends.
             self._queue_waits += 1
             self._queue.put((j, entry))
+
+    def _write_down(self, j: int, entry: Entry) -> None:
+        """Write `entry` into slow tier j (or below). When it fails, in any way, older copies of the
+        key in those tiers are removed: with this newer version gone, they would be served in its place
+        (a disk tier marked down after ENOSPC kept its older copy and served it once back)."""
+        try:
+            # replace: this is the newest version reaching the slow tiers (queued writes are done in
+            # order), so a copy in tier j that it cannot overwrite (say j is full) is an older one
+            placed = self._place(j, entry, replace=True)
+        except Exception as e:
+            self._fault(self.tiers[j], e)
+            _release_frames(e)
+            placed = False
+        if not placed:
+            self._count(self.tiers[j], "dropped")
+            self._note_dropped(entry.key, j)
 
     def _unpend(self, entry: Entry) -> None:
         """One queued write of `entry.key` is done; the key leaves `_pending` with its last one."""
@@ -471,10 +534,8 @@ class TieredStore:
                 j, entry = item
                 with self._pending_lock:
                     wanted = entry.key in self._pending  # not removed since it was queued
-                if wanted and not self._place(j, entry):
-                    self._count(self.tiers[j], "dropped")
-                    self._note_dropped(entry.key, j)
-                elif wanted:
+                if wanted:
+                    self._write_down(j, entry)
                     with self._pending_lock:
                         removed = entry.key not in self._pending
                     if removed:  # remove() ran while this write was under way: undo it
@@ -538,14 +599,23 @@ class TieredStore:
                 self._call(tier, tier.clear, default=None)
 
     def close(self) -> None:
-        """Persist memory-only entries, finish queued writes, stop the worker, close the tiers."""
+        """Refuse later puts and wait for those under way, persist memory-only entries, finish queued
+        writes, stop the worker, close the tiers. A second call does nothing."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._closing.wait_for(lambda: self._puts_active == 0)
         if self.config.persist_on_close:
             self._persist()
         if self._worker is not None:
             self.flush()
-            self._queue.put(_STOP)
+            with self._enqueue_lock:  # no write is queued behind the stop (see _enqueue)
+                self._accepting = False
+                self._queue.put(_STOP)
             self._worker.join()
             self._worker = None
+        self._stopped.set()
         for tier in self.tiers:
             tier.close()
 

@@ -97,12 +97,21 @@ class DiskTier(Tier):
         final.parent.mkdir(exist_ok=True)
         tmp = final.parent / f"{TMP_PREFIX}{entry.key}-{uuid.uuid4().hex}"
         parts = encode(entry)
-        size = self._write(tmp, parts)
         try:
+            size = self._write(tmp, parts)  # inside: a write that fails (ENOSPC) leaves no temp file
             with self._index.lock:
                 # the index keeps the file's checksum (see checksum_of); TierFull leaves it untouched
+                old_value, old_size = self._index.get(entry.key, touch=False), self._index.size_of(entry.key)
                 self._index.add(entry.key, prefix_checksum(parts[0]), size)
-                os.replace(tmp, final)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    # the rename did not happen: the file there (if any) is the old one, and the index
+                    # must describe it, not claim this entry's checksum
+                    self._index.pop(entry.key)
+                    if old_size is not None:
+                        self._index.add(entry.key, old_value, old_size)
+                    raise
                 self._stamp(final)
         except BaseException:
             with contextlib.suppress(OSError):
