@@ -274,9 +274,15 @@ def _read_cached(fd: int, view: memoryview, size: int) -> int:
 
 
 def _resident_prefix(fd: int, size: int) -> int:
-    """Bytes from the file's start whose pages are in the page cache (mincore over a mapping that is
-    never touched); the whole size where mincore is not available (the reads are then buffered)."""
+    """Bytes from the file's start whose pages are in the page cache: none or all as cachestat counts
+    them, else mincore over a mapping that is never touched; the whole size where mincore is not
+    available (the reads are then buffered)."""
     if _LIBC is None or size == 0:
+        return size
+    cached = _cached_pages(fd)  # one syscall answers the usual cases (all or nothing cached)
+    if cached == 0:
+        return 0
+    if cached is not None and cached >= -(-size // mmap.PAGESIZE):
         return size
     addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if addr in (None, ctypes.c_void_p(-1).value):
@@ -290,6 +296,32 @@ def _resident_prefix(fd: int, size: int) -> int:
         return (int(missing[0]) if missing.size else pages) * mmap.PAGESIZE
     finally:
         _LIBC.munmap(ctypes.c_void_p(addr), size)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recent")]
+
+
+_SYS_CACHESTAT = 451  # Linux >= 6.5 (x86-64 and arm64 share the number)
+_cachestat_works = sys.platform.startswith("linux")
+
+
+def _cached_pages(fd: int) -> int | None:
+    """Pages of the file in the page cache (cachestat), or None where the kernel lacks it. It costs
+    one syscall, where mincore (a mapping, a vector, a scan) cost ~0.1 ms of CPU per 5.6 MiB file,
+    more on a busy machine, paid on every read."""
+    global _cachestat_works
+    if _LIBC is None or not _cachestat_works:
+        return None
+    whole, stat = _CachestatRange(0, 0), _Cachestat()  # len 0: to the end of the file
+    if _LIBC.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(stat), 0) != 0:
+        _cachestat_works = ctypes.get_errno() != errno.ENOSYS
+        return None
+    return int(stat.cache)
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -310,6 +342,7 @@ def _libc() -> ctypes.CDLL | None:
     ]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.syscall.restype = ctypes.c_long
     return libc
 
 
