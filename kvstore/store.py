@@ -2,7 +2,7 @@
 
 Rules:
 - a put lands in the fastest tier with room; making room evicts that tier's least recently used unpinned
-  entries, and each eviction demotes to the next tier (unless a lower tier already holds the key); the
+  entries, and each eviction demotes to the next tier (unless that tier holds the very same bytes); the
   last tier drops;
 - a hit in a lower tier is copied up to the top tier (the lower copy stays, so a later eviction is free);
 - `lookup` / `contains` never move data and never change LRU order;
@@ -10,7 +10,10 @@ Rules:
   pins are saved beside the disk tier and restored at start (kvstore/pins.py);
 - slow tiers (disk, Redis) are written by a worker thread when `write_behind` (see StoreConfig);
 - a tier that fails (Redis down) is skipped for `redis_retry_s` and reported in `health()`/`stats()`;
-  the store goes on with the others.
+  the store goes on with the others;
+- a put replaces the key: no older copy is served after it, also when the newer copy's write-down fails
+  (the older copies below are removed then; see `_write_down`);
+- `close()` refuses later puts, waits for those under way, and finishes every queued write.
 
 Locking: one lock per tier, always taken top-down (a placement in tier i may cascade into i+1), so
 cascades cannot deadlock. Tier I/O for a hit happens outside the store's locks.
@@ -262,7 +265,7 @@ class TieredStore:
         """Store `entry` (a private copy of its tensors unless `copy=False`), optionally pinned.
 
         ValueError (and nothing evicted or lost) if no tier has room because everything is pinned or the
-        entry is larger than every tier.
+        entry is larger than every tier; RuntimeError once close() has begun.
         """
         if not isinstance(entry, Entry):
             raise TypeError(f"put takes an Entry, got {type(entry).__name__}")

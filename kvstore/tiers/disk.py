@@ -141,8 +141,9 @@ class DiskTier(Tier):
     def get(self, key: str) -> Entry | None:
         if key not in self._index:
             return None
+        path = self.path(key)
         try:
-            buf, ino, checksum = self._read(self.path(key))
+            buf, ino, checksum = self._read(path)
         except FileNotFoundError:  # removed concurrently or by hand
             self._forget(key, None)
             return None
@@ -154,10 +155,10 @@ class DiskTier(Tier):
             self.corrupt += 1
             self._forget(key, ino)
             return None
-        self._touch(key)
+        self._touch(key, path)
         # only if no put replaced the file since it was read
         with self._index.lock, contextlib.suppress(OSError):
-            if os.stat(self.path(key)).st_ino == ino:
+            if os.stat(path).st_ino == ino:
                 self._index.set_value(key, checksum)
         return entry
 
@@ -220,12 +221,12 @@ class DiskTier(Tier):
         self._reads.free(off)  # the block comes back when the lease (the entry's tensors) is dropped
         return buf, True
 
-    def _touch(self, key: str) -> None:
+    def _touch(self, key: str, path: Path) -> None:
         """Most recently used, in memory and on disk (mtime), so the order survives a restart."""
         with self._index.lock:
             self._index.get(key)
             with contextlib.suppress(OSError):
-                self._stamp(self.path(key))
+                self._stamp(path)
 
     def _stamp(self, path: Path) -> None:
         """Set mtime from a strictly increasing clock (file systems round times; LRU needs an order)."""
