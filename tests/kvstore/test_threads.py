@@ -315,7 +315,10 @@ def test_a_put_under_way_when_close_starts_is_written_and_later_puts_are_refused
     store._pending_lock.acquire()  # the next put's eviction stops just before queueing its write-down
     putter = threading.Thread(target=store.put, args=(tiny_entry(_key(0, 2)),))
     putter.start()
-    putter.join(0.3)
+    deadline = time.monotonic() + 10
+    while not store._puts_active and time.monotonic() < deadline:  # the put has begun
+        time.sleep(0.001)
+    putter.join(0.2)  # and reaches the queue (it waits for the lock there)
     closer = threading.Thread(target=store.close)
     closer.start()
     closer.join(0.3)  # (before the fix close finished here, and the worker with it)
