@@ -119,6 +119,7 @@ class TieredStore:
         self._enqueue_lock = threading.Lock()
         self._accepting = False  # the worker takes queued writes (set with it, cleared at close)
         self._stopped = threading.Event()  # the worker did its last queued write
+        self._close_done = threading.Event()  # close() finished (a second caller waits for it)
         if self.config.write_behind and any(t.slow for t in self.tiers):
             self._worker = threading.Thread(target=self._drain, name="kvstore-write-behind", daemon=True)
             self._accepting = True
@@ -145,7 +146,13 @@ class TieredStore:
             todo = [i for i, hit in enumerate(found) if not hit]
             if not todo:
                 break
-            hits = self._call(tier, tier.contains_many, [keys[i] for i in todo], default=[False] * len(todo))
+            wanted = [keys[i] for i in todo]
+            # a local tier marked down still answers from its index (see _read)
+            hits = (
+                tier.contains_many(wanted)
+                if not tier.networked
+                else self._call(tier, tier.contains_many, wanted, default=[False] * len(todo))
+            )
             for i, hit in zip(todo, hits, strict=True):
                 found[i] = hit and not (tier.networked and keys[i] in self._shadowed)
         return next((i for i, hit in enumerate(found) if not hit), len(keys))
@@ -177,10 +184,12 @@ class TieredStore:
                 if entry is not None:
                     return self._copy(entry) if copy else entry
             if tier.networked and key in self._shadowed:
-                self._forget_shadowed(j, key)
+                with self._locks[j]:  # again under the lock: a newer copy may have landed there since
+                    if key in self._shadowed:
+                        self._forget_shadowed(j, key)
                 self._count(tier, "misses")
                 continue
-            entry = self._call(tier, tier.get, key, default=None)
+            entry = self._read(tier, key)
             if entry is None:
                 self._count(tier, "misses")
                 continue
@@ -190,6 +199,16 @@ class TieredStore:
                 entry = self._peek(self.tiers[0], key) or entry
             return self._copy(entry) if copy else entry
         return None
+
+    def _read(self, tier: Tier, key: str) -> Entry | None:
+        """tier.get, also from a local tier marked down after a write error: the newer copy it holds
+        must hide the older ones below (a networked tier that is down is skipped, see _call)."""
+        if tier.networked or self._usable(tier):
+            return self._call(tier, tier.get, key, default=None)
+        try:
+            return tier.get(key)
+        except OSError:
+            return None
 
     def _forget_shadowed(self, j: int, key: str) -> None:
         """Remove an older copy that networked tier j may hold under a dropped newer one; if tier j does
@@ -297,7 +316,8 @@ class TieredStore:
             # down after this one is placed, and no promotion of an older copy lands over it.
             with self._locks[0]:
                 self._put_stamps[_bucket(entry.key)] += 1
-                self._shadowed.discard(entry.key)
+                # the shadow stays: a get already past tier 0 must not read the older copy it hides;
+                # it goes once a copy of this key is written to that tier (_place_here)
                 placed = self._place(0, entry, borrowed=borrowed, replace=True)
                 # again once placed: a get that read the stamp before the put placed its copy, and
                 # an old copy below it, must not promote that copy either
@@ -343,16 +363,24 @@ class TieredStore:
         older: list[int] = []
         for j in range(i, last):
             tier = self.tiers[j]
+            # j > 0: a slow top tier is written directly; its callers hold locks[0], which the worker
+            # needs for that tier, so waiting for queue room there would deadlock
+            if (
+                j > 0
+                and tier.slow
+                and self._worker is not None
+                and threading.current_thread() is not self._worker
+            ):
+                # the worker tries tier j, then the ones below it; queued for j even while j is down,
+                # so it is written after the key's older writes queued for j, never below them
+                self._enqueue(j, self._copy(entry) if borrowed else entry)
+                return self._drop_older(older, entry.key)
             if not self._usable(tier):
                 # a local tier marked down (after a write error) still answers from memory: an older
                 # copy there would be served again once it is back, above this one
                 if replace and not tier.networked and tier.contains(entry.key):
                     older.append(j)
                 continue
-            if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
-                # the worker tries tier j, then the ones below it
-                self._enqueue(j, self._copy(entry) if borrowed else entry)
-                return self._drop_older(older, entry.key)
             if self._place_here(j, self._copy(entry) if borrowed and tier.keeps_tensors else entry):
                 return self._drop_older(older, entry.key)
             if replace and self._call(tier, tier.contains, entry.key, default=False):
@@ -576,11 +604,28 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
-        with self._pending_lock:
-            removed = self._pending.pop(key, None) is not None
+        with self._locks[0]:
+            # under tier 0's lock: no eviction from it queues the key again after this, and a get that
+            # read it from a lower tier before the removal does not promote it (the stamp changed)
+            self._put_stamps[_bucket(key)] += 1
+            with self._pending_lock:
+                removed = self._pending.pop(key, None) is not None
         for j, tier in enumerate(self.tiers):
             with self._locks[j]:
-                removed = bool(self._call(tier, tier.remove, key, default=0)) or removed
+                held = tier.contains(key) if not tier.networked else False
+                if not tier.networked:  # also while marked down (see _drop_older)
+                    with contextlib.suppress(OSError):
+                        tier.remove(key)
+                elif not self._usable(tier):
+                    self._shadowed.add(key)  # removed once it answers; never served meanwhile
+                else:
+                    try:
+                        held = bool(tier.remove(key))
+                    except TierUnavailable as e:
+                        self._fault(tier, e)
+                        _release_frames(e)
+                        self._shadowed.add(key)
+                removed = held or removed
         return removed
 
     def keys(self) -> list[str]:
@@ -606,8 +651,19 @@ class TieredStore:
         writes, stop the worker, close the tiers. A second call does nothing."""
         with self._closing:
             if self._closed:
-                return
-            self._closed = True
+                closing = True
+            else:
+                closing, self._closed = False, True
+        if closing:
+            self._close_done.wait()  # a concurrent close() is still persisting and draining
+            return
+        try:
+            self._close()
+        finally:
+            self._close_done.set()
+
+    def _close(self) -> None:
+        with self._closing:
             self._closing.wait_for(lambda: self._puts_active == 0)
         if self.config.persist_on_close:
             self._persist()
@@ -635,7 +691,8 @@ class TieredStore:
                 # a promoted copy's source is still below: nothing to write; any other copy is
                 # written over what the slow tier holds (maybe an older version)
                 if entry is not None and not self._same_below(slow, entry):
-                    self._place(slow, entry, replace=True)
+                    # like a queued write: when it cannot be written, older copies below go too
+                    self._write_down(slow, entry)
 
     def __enter__(self) -> TieredStore:
         return self

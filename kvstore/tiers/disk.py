@@ -324,7 +324,9 @@ def _cached_pages(fd: int) -> int | None:
         return None
     whole, stat = _CachestatRange(0, 0), _Cachestat()  # len 0: to the end of the file
     if _LIBC.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(stat), 0) != 0:
-        _cachestat_works = ctypes.get_errno() != errno.ENOSYS
+        # ENOSYS (kernel < 6.5), EPERM (a seccomp filter that does not know it), EOPNOTSUPP: it will
+        # not work later either; stop asking (a failed call on every read)
+        _cachestat_works = ctypes.get_errno() in (errno.EINTR, errno.EAGAIN)
         return None
     return int(stat.cache)
 
