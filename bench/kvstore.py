@@ -258,7 +258,8 @@ def main() -> None:
 
 def _combine(runs: list[dict[str, object]]) -> dict[str, object]:
     """Rates: the best repeat of each side; ratios: recomputed from those, plus [min, max] of the
-    ratio within each repeat (how much the answer moved with the machine's load)."""
+    ratio within each repeat (how much the answer moved with the machine's load) and, for the disk
+    ratios, the ratio of every repeat in order."""
     out: dict[str, object] = {}
     for key, value in runs[0].items():
         if key.endswith("_gibs"):
@@ -268,6 +269,8 @@ def _combine(runs: list[dict[str, object]]) -> dict[str, object]:
     _ratios(out)
     for key in [k for k in out if "_vs_" in k]:
         out[f"{key}_range"] = [min(run[key] for run in runs), max(run[key] for run in runs)]
+        if key.startswith("disk_"):
+            out[f"{key}_repeats"] = [run[key] for run in runs]
     out["repeats"] = len(runs)
     return out
 

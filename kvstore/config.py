@@ -27,7 +27,8 @@ class StoreConfig:
             next tier.
         disk_path / disk_bytes: local disk tier folder and byte budget (file sizes). disk_fsync: fsync
             every file (survives power loss; a process restart is survived without it).
-        disk_read_pool_bytes: reusable memory disk reads land in (no fresh pages per read); a read that
+        disk_read_pool_bytes: reusable memory disk reads land in (no fresh pages per read; touched at
+            start, in huge pages, so it counts in the process's memory from the start); a read that
             finds it full (callers hold many read entries) uses fresh memory instead.
         redis_url / redis_bytes: shared Redis tier (redis://, rediss://, unix://, redis+cluster://) and
             its byte budget, counted across every process using the same redis_prefix.

@@ -280,7 +280,7 @@ def _read_tensors(view: memoryview, header: dict[str, Any], at: int) -> tuple[di
         count = 1
         for s in shape:
             count *= s
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if at + nbytes > len(view):
             raise CorruptEntry(f"tensor {name!r} truncated: needs {nbytes} bytes at offset {at}")
         tensors[name] = _tensor(view[at : at + nbytes], dtype, shape, copy)
@@ -291,10 +291,12 @@ def _read_tensors(view: memoryview, header: dict[str, Any], at: int) -> tuple[di
 def _tensor(raw: memoryview, dtype: torch.dtype, shape: list[int], copy: bool) -> torch.Tensor:
     if len(raw) == 0:
         return torch.empty(shape, dtype=dtype)
+    if not copy:  # a writable buffer (no warning to silence: catching them cost ~10 us per tensor)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only buffers are cloned below before anyone can write
+        warnings.simplefilter("ignore")  # read-only buffers are cloned before anyone can write
         t = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
-    return t.clone() if copy else t
+    return t.clone()
 
 
 def _positions(raw: bytes | None) -> torch.Tensor | None:

@@ -2,7 +2,7 @@
 
 Rules:
 - a put lands in the fastest tier with room; making room evicts that tier's least recently used unpinned
-  entries, and each eviction demotes to the next tier (unless a lower tier already holds the key); the
+  entries, and each eviction demotes to the next tier (unless that tier holds the very same bytes); the
   last tier drops;
 - a hit in a lower tier is copied up to the top tier (the lower copy stays, so a later eviction is free);
 - `lookup` / `contains` never move data and never change LRU order;
@@ -10,7 +10,10 @@ Rules:
   pins are saved beside the disk tier and restored at start (kvstore/pins.py);
 - slow tiers (disk, Redis) are written by a worker thread when `write_behind` (see StoreConfig);
 - a tier that fails (Redis down) is skipped for `redis_retry_s` and reported in `health()`/`stats()`;
-  the store goes on with the others.
+  the store goes on with the others;
+- a put replaces the key: no older copy is served after it, also when the newer copy's write-down fails
+  (the older copies below are removed then; see `_write_down`);
+- `close()` refuses later puts, waits for those under way, and finishes every queued write.
 
 Locking: one lock per tier, always taken top-down (a placement in tier i may cascade into i+1), so
 cascades cannot deadlock. Tier I/O for a hit happens outside the store's locks.
@@ -107,8 +110,19 @@ class TieredStore:
         self._queue_waits = 0  # slow writes whose caller waited because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
+        # close(): puts are refused once it starts and the ones under way are waited for (a put that
+        # placed after `_persist` ran, or queued after the worker stopped, was lost). `_enqueue_lock`
+        # makes "the worker still takes writes" and "queue it" one step against close's stop.
+        self._closing = threading.Condition()
+        self._closed = False
+        self._puts_active = 0
+        self._enqueue_lock = threading.Lock()
+        self._accepting = False  # the worker takes queued writes (set with it, cleared at close)
+        self._stopped = threading.Event()  # the worker did its last queued write
+        self._close_done = threading.Event()  # close() finished (a second caller waits for it)
         if self.config.write_behind and any(t.slow for t in self.tiers):
             self._worker = threading.Thread(target=self._drain, name="kvstore-write-behind", daemon=True)
+            self._accepting = True
             self._worker.start()
         self._pinned.load(self.contains)
 
@@ -132,7 +146,13 @@ class TieredStore:
             todo = [i for i, hit in enumerate(found) if not hit]
             if not todo:
                 break
-            hits = self._call(tier, tier.contains_many, [keys[i] for i in todo], default=[False] * len(todo))
+            wanted = [keys[i] for i in todo]
+            # a local tier marked down still answers from its index (see _read)
+            hits = (
+                tier.contains_many(wanted)
+                if not tier.networked
+                else self._call(tier, tier.contains_many, wanted, default=[False] * len(todo))
+            )
             for i, hit in zip(todo, hits, strict=True):
                 found[i] = hit and not (tier.networked and keys[i] in self._shadowed)
         return next((i for i, hit in enumerate(found) if not hit), len(keys))
@@ -164,10 +184,12 @@ class TieredStore:
                 if entry is not None:
                     return self._copy(entry) if copy else entry
             if tier.networked and key in self._shadowed:
-                self._forget_shadowed(j, key)
+                with self._locks[j]:  # again under the lock: a newer copy may have landed there since
+                    if key in self._shadowed:
+                        self._forget_shadowed(j, key)
                 self._count(tier, "misses")
                 continue
-            entry = self._call(tier, tier.get, key, default=None)
+            entry = self._read(tier, key)
             if entry is None:
                 self._count(tier, "misses")
                 continue
@@ -177,6 +199,16 @@ class TieredStore:
                 entry = self._peek(self.tiers[0], key) or entry
             return self._copy(entry) if copy else entry
         return None
+
+    def _read(self, tier: Tier, key: str) -> Entry | None:
+        """tier.get, also from a local tier marked down after a write error: the newer copy it holds
+        must hide the older ones below (a networked tier that is down is skipped, see _call)."""
+        if tier.networked or self._usable(tier):
+            return self._call(tier, tier.get, key, default=None)
+        try:
+            return tier.get(key)
+        except OSError:
+            return None
 
     def _forget_shadowed(self, j: int, key: str) -> None:
         """Remove an older copy that networked tier j may hold under a dropped newer one; if tier j does
@@ -204,7 +236,7 @@ class TieredStore:
                     self._shadowed.add(key)
             elif tier.networked:
                 self._forget_shadowed(k, key)
-            elif self._call(tier, tier.contains, key, default=False):
+            elif tier.contains(key):  # even while marked down: see _drop_older
                 self._drop_older([k], key)
 
     def get_resident(self, key: str, copy: bool = True) -> Entry | None:
@@ -252,10 +284,23 @@ class TieredStore:
         """Store `entry` (a private copy of its tensors unless `copy=False`), optionally pinned.
 
         ValueError (and nothing evicted or lost) if no tier has room because everything is pinned or the
-        entry is larger than every tier.
+        entry is larger than every tier; RuntimeError once close() has begun.
         """
         if not isinstance(entry, Entry):
             raise TypeError(f"put takes an Entry, got {type(entry).__name__}")
+        with self._closing:
+            if self._closed:
+                raise RuntimeError(f"put of {entry.key}: the store is closed")
+            self._puts_active += 1
+        try:
+            self._put(entry, pin, copy)
+        finally:
+            with self._closing:
+                self._puts_active -= 1
+                if self._closed and not self._puts_active:
+                    self._closing.notify_all()  # close() waits for the last one
+
+    def _put(self, entry: Entry, pin: bool, copy: bool) -> None:
         top = self.tiers[0]
         # `borrowed`: the entry still holds the caller's tensors; every placement that keeps references
         # (a memory tier that keeps tensors, the write-behind queue) copies first. The host tier copies
@@ -271,7 +316,8 @@ class TieredStore:
             # down after this one is placed, and no promotion of an older copy lands over it.
             with self._locks[0]:
                 self._put_stamps[_bucket(entry.key)] += 1
-                self._shadowed.discard(entry.key)
+                # the shadow stays: a get already past tier 0 must not read the older copy it hides;
+                # it goes once a copy of this key is written to that tier (_place_here)
                 placed = self._place(0, entry, borrowed=borrowed, replace=True)
                 # again once placed: a get that read the stamp before the put placed its copy, and
                 # an old copy below it, must not promote that copy either
@@ -317,12 +363,24 @@ class TieredStore:
         older: list[int] = []
         for j in range(i, last):
             tier = self.tiers[j]
-            if not self._usable(tier):
-                continue
-            if tier.slow and self._worker is not None and threading.current_thread() is not self._worker:
-                # the worker tries tier j, then the ones below it
+            # j > 0: a slow top tier is written directly; its callers hold locks[0], which the worker
+            # needs for that tier, so waiting for queue room there would deadlock
+            if (
+                j > 0
+                and tier.slow
+                and self._worker is not None
+                and threading.current_thread() is not self._worker
+            ):
+                # the worker tries tier j, then the ones below it; queued for j even while j is down,
+                # so it is written after the key's older writes queued for j, never below them
                 self._enqueue(j, self._copy(entry) if borrowed else entry)
                 return self._drop_older(older, entry.key)
+            if not self._usable(tier):
+                # a local tier marked down (after a write error) still answers from memory: an older
+                # copy there would be served again once it is back, above this one
+                if replace and not tier.networked and tier.contains(entry.key):
+                    older.append(j)
+                continue
             if self._place_here(j, self._copy(entry) if borrowed and tier.keeps_tensors else entry):
                 return self._drop_older(older, entry.key)
             if replace and self._call(tier, tier.contains, entry.key, default=False):
@@ -330,10 +388,19 @@ class TieredStore:
         return False
 
     def _drop_older(self, tiers: Iterable[int], key: str) -> bool:
-        """Remove `key` from these tiers (copies a newer one replaces); True, for `_place`'s return."""
+        """Remove `key` from these tiers (copies a newer one replaces); True, for `_place`'s return.
+
+        A local tier is asked even while marked down after a write error (its index is in memory):
+        the older copy it holds must not be served once it is back. A networked tier that is down is
+        skipped (`_note_dropped` shadows its copy)."""
         for j in tiers:
+            tier = self.tiers[j]
             with self._locks[j]:
-                self._call(self.tiers[j], self.tiers[j].remove, key, default=0)
+                if tier.networked:
+                    self._call(tier, tier.remove, key, default=0)
+                else:
+                    with contextlib.suppress(OSError):  # the index forgets it first (DiskTier.remove)
+                        tier.remove(key)
         return True
 
     def _place_here(self, j: int, entry: Entry) -> bool:
@@ -437,7 +504,17 @@ class TieredStore:
     # ---- write-behind ----------------------------------------------------------------------------
 
     def _enqueue(self, j: int, entry: Entry) -> None:
-        """Queue a slow write; when the queue is full, wait for room."""
+        """Queue a slow write; when the queue is full, wait for room. Once close() stopped the worker
+        (a get's promotion may evict while it closes), write it here after the worker's last write."""
+        with self._enqueue_lock:  # close() clears `_accepting` and queues the stop under it
+            if self._accepting:
+                self._queue_locked(j, entry)
+                return
+        # Written only once the worker is done, so no older queued write of the key lands over it.
+        self._stopped.wait()
+        self._write_down(j, entry)
+
+    def _queue_locked(self, j: int, entry: Entry) -> None:
         with self._pending_lock:
             self._pending[entry.key] = entry
             self._queued[entry.key] = self._queued.get(entry.key, 0) + 1
@@ -447,9 +524,26 @@ class TieredStore:
             # Back-pressure: wait for room. Writing it here instead could overtake an older queued
             # write of the same key, which would then land over it. The worker never waits here (it
             # writes its own cascades directly) and takes no lock a waiting caller holds (callers hold
-            # memory tiers' locks; the worker takes only slow tiers'), so the wait always ends.
+            # memory tiers' locks and `_enqueue_lock`; the worker takes only slow tiers'), so the wait
+            # always ends.
             self._queue_waits += 1
             self._queue.put((j, entry))
+
+    def _write_down(self, j: int, entry: Entry) -> None:
+        """Write `entry` into slow tier j (or below). When it fails, in any way, older copies of the
+        key in those tiers are removed: with this newer version gone, they would be served in its place
+        (a disk tier marked down after ENOSPC kept its older copy and served it once back)."""
+        try:
+            # replace: this is the newest version reaching the slow tiers (queued writes are done in
+            # order), so a copy in tier j that it cannot overwrite (say j is full) is an older one
+            placed = self._place(j, entry, replace=True)
+        except Exception as e:
+            self._fault(self.tiers[j], e)
+            _release_frames(e)
+            placed = False
+        if not placed:
+            self._count(self.tiers[j], "dropped")
+            self._note_dropped(entry.key, j)
 
     def _unpend(self, entry: Entry) -> None:
         """One queued write of `entry.key` is done; the key leaves `_pending` with its last one."""
@@ -471,10 +565,8 @@ class TieredStore:
                 j, entry = item
                 with self._pending_lock:
                     wanted = entry.key in self._pending  # not removed since it was queued
-                if wanted and not self._place(j, entry):
-                    self._count(self.tiers[j], "dropped")
-                    self._note_dropped(entry.key, j)
-                elif wanted:
+                if wanted:
+                    self._write_down(j, entry)
                     with self._pending_lock:
                         removed = entry.key not in self._pending
                     if removed:  # remove() ran while this write was under way: undo it
@@ -512,11 +604,28 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
-        with self._pending_lock:
-            removed = self._pending.pop(key, None) is not None
+        with self._locks[0]:
+            # under tier 0's lock: no eviction from it queues the key again after this, and a get that
+            # read it from a lower tier before the removal does not promote it (the stamp changed)
+            self._put_stamps[_bucket(key)] += 1
+            with self._pending_lock:
+                removed = self._pending.pop(key, None) is not None
         for j, tier in enumerate(self.tiers):
             with self._locks[j]:
-                removed = bool(self._call(tier, tier.remove, key, default=0)) or removed
+                held = tier.contains(key) if not tier.networked else False
+                if not tier.networked:  # also while marked down (see _drop_older)
+                    with contextlib.suppress(OSError):
+                        tier.remove(key)
+                elif not self._usable(tier):
+                    self._shadowed.add(key)  # removed once it answers; never served meanwhile
+                else:
+                    try:
+                        held = bool(tier.remove(key))
+                    except TierUnavailable as e:
+                        self._fault(tier, e)
+                        _release_frames(e)
+                        self._shadowed.add(key)
+                removed = held or removed
         return removed
 
     def keys(self) -> list[str]:
@@ -538,14 +647,34 @@ class TieredStore:
                 self._call(tier, tier.clear, default=None)
 
     def close(self) -> None:
-        """Persist memory-only entries, finish queued writes, stop the worker, close the tiers."""
+        """Refuse later puts and wait for those under way, persist memory-only entries, finish queued
+        writes, stop the worker, close the tiers. A second call does nothing."""
+        with self._closing:
+            if self._closed:
+                closing = True
+            else:
+                closing, self._closed = False, True
+        if closing:
+            self._close_done.wait()  # a concurrent close() is still persisting and draining
+            return
+        try:
+            self._close()
+        finally:
+            self._close_done.set()
+
+    def _close(self) -> None:
+        with self._closing:
+            self._closing.wait_for(lambda: self._puts_active == 0)
         if self.config.persist_on_close:
             self._persist()
         if self._worker is not None:
             self.flush()
-            self._queue.put(_STOP)
+            with self._enqueue_lock:  # no write is queued behind the stop (see _enqueue)
+                self._accepting = False
+                self._queue.put(_STOP)
             self._worker.join()
             self._worker = None
+        self._stopped.set()
         for tier in self.tiers:
             tier.close()
 
@@ -562,7 +691,8 @@ class TieredStore:
                 # a promoted copy's source is still below: nothing to write; any other copy is
                 # written over what the slow tier holds (maybe an older version)
                 if entry is not None and not self._same_below(slow, entry):
-                    self._place(slow, entry, replace=True)
+                    # like a queued write: when it cannot be written, older copies below go too
+                    self._write_down(slow, entry)
 
     def __enter__(self) -> TieredStore:
         return self

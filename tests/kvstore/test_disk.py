@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 from kvstore_helpers import SMOL, tiny_entry
@@ -139,3 +140,74 @@ def test_reads_are_exact_from_the_page_cache_the_device_or_both(tmp_path):
         if direct:  # this file system (ext4 here and in CI) takes O_DIRECT: no silent fallback
             assert disk._direct
     assert disk.corrupt == 0
+
+
+def _chattr(flag: str, path) -> bool:
+    """Set or clear the immutable attribute (root on ext4, as here and in CI); False where refused."""
+    import shutil
+    import subprocess
+
+    chattr = shutil.which("chattr")
+    return (
+        chattr is not None and subprocess.run([chattr, flag, str(path)], capture_output=True).returncode == 0
+    )
+
+
+def test_a_failed_rename_leaves_the_index_describing_the_old_file(tmp_path):
+    """os.replace fails (the old file is immutable: EPERM, even for root): the index must go on
+    describing the old file, not claim the new entry's checksum and size."""
+    import pytest
+
+    disk = DiskTier(tmp_path, 1 << 20)
+    old, new = tiny_entry(_key(1), seed=1), tiny_entry(_key(1), tokens=8, seed=2)
+    disk.put(old)
+    assert disk.get(old.key) is not None  # the read records the old file's checksum
+    before = (disk.checksum_of(old.key), disk.size_of(old.key), disk.usage())
+    path = disk.path(old.key)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    try:
+        with pytest.raises(PermissionError):
+            disk.put(new)
+    finally:
+        _chattr("-i", path)
+    assert (disk.checksum_of(old.key), disk.size_of(old.key), disk.usage()) == before
+    assert torch.equal(disk.get(old.key).kv, old.kv)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+class _PausedReadDisk(DiskTier):
+    """A disk tier whose reads wait for `resume` once the file's bytes are in (a slow reader)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause, self.read_done, self.resume = False, threading.Event(), threading.Event()
+
+    def _read(self, path):
+        out = super()._read(path)
+        if self.pause:
+            self.read_done.set()
+            self.resume.wait(10)
+        return out
+
+
+def test_a_read_does_not_record_the_checksum_of_a_file_replaced_meanwhile(tmp_path):
+    """A get read version 1; a put replaced the file with version 2 before the get stored what it
+    read in the index: the index must keep version 2's checksum (an eviction skips its write-down
+    when the checksums match, so a wrong one would keep version 1 under a newer copy)."""
+    disk = _PausedReadDisk(tmp_path, 1 << 20)
+    v1, v2 = tiny_entry(_key(1), seed=1), tiny_entry(_key(1), seed=2)
+    disk.put(v1)
+    disk.pause = True
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(disk.get(v1.key)))
+    reader.start()
+    assert disk.read_done.wait(10)
+    disk.put(v2)
+    newest = disk.checksum_of(v1.key)
+    disk.resume.set()
+    reader.join()
+    assert torch.equal(got[0].kv, v1.kv)  # the reader gets what it read
+    assert disk.checksum_of(v1.key) == newest
+    disk.pause = False
+    assert torch.equal(disk.get(v1.key).kv, v2.kv) and disk.checksum_of(v1.key) == newest

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
+import time
 
+import pytest
 import torch
 from kvstore_helpers import ENTRY_BYTES, tiny_entry
 
@@ -263,4 +266,136 @@ def test_a_key_removed_while_its_write_is_under_way_stays_removed(tmp_path):
     disk.gate.set()
     store.flush()
     assert not store.contains(key) and store.get(key) is None
+    store.close()
+
+
+def test_an_eviction_does_not_skip_its_write_down_while_an_older_write_of_the_key_is_queued(tmp_path):
+    """Bytes A on disk (checksum known), then B put and its write-down held in the queue, then A put
+    again (as a server's PUT: frozen, its checksum known) and evicted: the disk still says A, but B's
+    queued write lands after this eviction, so skipping A's write would leave B."""
+    from kvstore.format import decode, encode_bytes
+    from kvstore.tiers.host import MemoryTier  # keeps the entry itself (a pool would copy it)
+
+    disk = _GateDisk(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[MemoryTier(ENTRY_BYTES), disk])
+    key = _key(0, 1)
+
+    def put_a():
+        store.put(decode(bytearray(encode_bytes(tiny_entry(key, seed=1))), frozen=True), copy=False)
+
+    put_a()
+    store.put(tiny_entry(_key(0, 2)))  # A written down
+    store.flush()
+    assert disk.checksum_of(key) is not None
+    disk.gate_key = key
+    store.put(tiny_entry(key, seed=2))  # B
+    store.put(tiny_entry(_key(0, 3)))  # B's write-down: the worker waits inside it
+    assert disk.entered.wait(10)
+    put_a()  # A again: the same checksum as the disk's copy
+    assert disk.checksum_of(key) == store.tiers[0].get(key)._checksum[1]
+    store.put(tiny_entry(_key(0, 4)))  # A evicted while B's write is still under way
+    disk.gate.set()
+    store.flush()
+    assert _version(store.get(key)) == 1
+    store.close()
+
+
+def test_a_put_under_way_when_close_starts_is_written_and_later_puts_are_refused(tmp_path):
+    """close() waits for a put it overlaps (its eviction's write-down was queued after the worker
+    stopped and was lost), and a put after close is a clear error."""
+    import pytest
+
+    def open_store():
+        disk = DiskTier(tmp_path / "disk", 1 << 20)
+        return TieredStore(StoreConfig(persist_on_close=False), tiers=[HostTier(ENTRY_BYTES), disk])
+
+    store = open_store()
+    victim = _key(0, 1)
+    store.put(tiny_entry(victim, seed=3))
+    store._pending_lock.acquire()  # the next put's eviction stops just before queueing its write-down
+    putter = threading.Thread(target=store.put, args=(tiny_entry(_key(0, 2)),))
+    putter.start()
+    deadline = time.monotonic() + 10
+    while not store._puts_active and time.monotonic() < deadline:  # the put has begun
+        time.sleep(0.001)
+    putter.join(0.2)  # and reaches the queue (it waits for the lock there)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.3)  # (before the fix close finished here, and the worker with it)
+    store._pending_lock.release()
+    putter.join(10)
+    closer.join(10)
+    assert not putter.is_alive() and not closer.is_alive()
+    again = open_store()
+    assert _version(again.get(victim)) == 3
+    again.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.put(tiny_entry(_key(0, 3)))
+
+
+def test_a_write_down_queued_once_the_worker_stopped_is_written_by_its_caller(tmp_path):
+    """The other half of that race: a get's promotion may evict (and queue) while close stops the
+    worker; such a write is done by the caller, after the worker's last one."""
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(), tiers=[HostTier(ENTRY_BYTES), disk])
+    store.close()
+    store._enqueue(1, tiny_entry(_key(0, 1), seed=4))  # as a caller that saw the worker running
+    assert _version(disk.get(_key(0, 1))) == 4
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 KiB tmpfs (real ENOSPC); skipped where mounting is refused."""
+    import subprocess
+
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _fill(path) -> None:
+    """Write `path` until the file system is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_a_disk_full_of_an_older_copy_never_serves_it_after_a_newer_write_failed(small_fs):
+    """ENOSPC: the newer version's write-down fails and the disk tier is marked down; the older copy
+    it holds must not be served when the tier is back. Also while it is down, a newer version that
+    skips it must remove its older copy."""
+    disk = DiskTier(small_fs / "disk", 1 << 20)  # a byte budget the file system cannot give
+    config = StoreConfig(lease_wait_s=0.01, redis_retry_s=0.3)
+    store = TieredStore(config, tiers=[HostTier(ENTRY_BYTES), disk])
+    k, j = _key(0, 1), _key(0, 2)
+    for key in (k, j, _key(0, 3)):
+        store.put(tiny_entry(key, seed=1))  # version 1 of k and j written down
+    store.flush()
+    assert disk.contains(k) and disk.contains(j)
+    store.remove(_key(0, 3))  # the host tier is empty
+    _fill(small_fs / "filler")
+    store.put(tiny_entry(k, seed=2))
+    store.put(tiny_entry(_key(0, 4)))  # k's version 2 evicted: its write fails (ENOSPC)
+    store.flush()
+    assert not store.health()["tiers"]["disk"]["ok"]
+    store.put(tiny_entry(j, seed=2))
+    store.put(tiny_entry(_key(0, 5)))  # j's version 2 evicted while the disk is down: dropped
+    store.flush()
+    (small_fs / "filler").unlink()
+    time.sleep(0.35)  # past redis_retry_s: the disk tier is used again
+    assert store.get(k) is None and store.get(j) is None  # a miss, never version 1
+    assert not list((small_fs / "disk").rglob(".tmp-*"))  # the failed write left no temp file
+    store.put(tiny_entry(k, seed=3))
+    store.put(tiny_entry(_key(0, 6)))
+    store.flush()
+    assert _version(store.get(k)) == 3 and store.health()["tiers"]["disk"]["ok"]
     store.close()
