@@ -289,3 +289,32 @@ def test_token_units_select_the_exact_top_tokens(engine, probe):
 
     engine.forward([int(out.logits[0, -1].argmax())], cache=cache, attention=compare)
     assert checked == [0, 14, 29]
+
+
+def test_follow_brings_the_tokens_after_each_selected_unit(engine, probe):
+    """With `follow`, a selected unit comes with the units holding the `follow` tokens after each of its
+    members (a number copied out of the prompt stays resident while the query barely moves); the budget
+    still holds, and the best unit is the one the paper's selection puts first."""
+    follow = 3
+    runs = {}
+    for f in (0, follow):
+        r = LouisKV(engine, LouisKVConfig(budget=160, tau=-1.5, follow=f, **SMALL), host_store())
+        cache, logits = r.prefill(probe.ids)
+        engine.decode(logits, cache, 2, attention=r.attention, stop=set())  # one step: one selection
+        assert r.stats.retrievals == engine.spec.num_layers
+        assert r.stats.peak_resident_bytes <= r.budget_bytes
+        runs[f] = r
+    checked = 0
+    for plain, layer in zip(runs[0].layers, runs[follow].layers, strict=True):
+        pool = layer.pool
+        for h in range(layer.heads):
+            best = layer.priority[h][0]
+            assert best == plain.priority[h][0]
+            resident = set(layer.working.positions[h].tolist())
+            after = {p + d for p in pool._positions[h][best] for d in range(1, follow + 1)}
+            stored = {p for p in after if p in pool._at[h]}  # the rest is in the window or past the prompt
+            assert stored <= resident, f"layer {layer.index} head {h}"
+            checked += len(stored)
+    assert checked > 0
+    with pytest.raises(ValueError, match="follow"):
+        LouisKVConfig(follow=-1)
