@@ -10,7 +10,7 @@ from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
 from retrieval.calibrate import calibrate_queries, calibrate_tau, decode_queries, trigger_rates
 from retrieval.kmeans import groups, kmeans
-from retrieval.louiskv import ANSWER_TAU, DEFAULT_TAU, LouisKV, LouisKVConfig
+from retrieval.louiskv import ANCHOR_TAU, ANSWER_TAU, DEFAULT_TAU, LouisKV, LouisKVConfig
 from retrieval.tasks import needle, qa_prompts
 
 NEW = 12
@@ -152,9 +152,12 @@ def _layer_rates(r, layers, steps, queries, taus):
 
 def test_answer_taus_are_stricter_than_the_long_output_taus(engine):
     """ANSWER_TAU (calibrated on 16-token answers, first step counted) sits at or below DEFAULT_TAU
-    (96-token outputs) at every layer: short answers move the query more."""
-    assert len(ANSWER_TAU) == len(DEFAULT_TAU) == engine.spec.num_layers
+    (96-token outputs) at every layer: short answers move the query more. ANCHOR_TAU (the same
+    calibration for the anchor trigger) sits at or below ANSWER_TAU: the query drifts further from the
+    last retrieval's query than from the previous step's."""
+    assert len(ANSWER_TAU) == len(DEFAULT_TAU) == len(ANCHOR_TAU) == engine.spec.num_layers
     assert all(a <= d for a, d in zip(ANSWER_TAU, DEFAULT_TAU, strict=True))
+    assert all(a <= d for a, d in zip(ANCHOR_TAU, ANSWER_TAU, strict=True))
     prompts = qa_prompts(engine.tokenizer, 600, slice(100, 102))
     assert len(prompts) == 2 and all(len(p) <= 600 for p in prompts)
     assert engine.tokenizer.decode(prompts[0]).rstrip().endswith("assistant")
