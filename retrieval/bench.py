@@ -2,9 +2,10 @@
 
 Everything is measured side by side in one run against the same model with its full cache:
 - passkey and needle (in MuSiQue passages) accuracy per input length and LouisKV budget, plus LouisKV
-  retrieving at every step and with the short-answer taus (`ANSWER_TAU`) at the middle budget; every
-  method decodes from the same full prefill of a probe, and the LouisKV variants read the prompt units
-  the first one put in the store (identical: the clustering depends on neither budget nor tau). With
+  retrieving at every step and with the short-answer taus of either trigger (`ANSWER_TAU` adjacent,
+  `ANCHOR_TAU` anchor) at the middle budget; every method decodes from the same full prefill of a
+  probe, and the LouisKV variants read the prompt units the first one put in the store (identical: the
+  clustering depends on neither budget nor tau). With
   `results`, each probe's rows are appended to a JSONL file as soon as it is done, probes already there
   are skipped (a run resumes), and `stop_at` (a unix time) stops starting new probes;
 - long-output agreement: greedy match length of LouisKV (default tau, and every step) vs the full cache;
@@ -27,11 +28,12 @@ from engine.chat import build_chat
 from engine.runner import Engine
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
-from retrieval.louiskv import ANSWER_TAU, LouisKV, LouisKVConfig
+from retrieval.louiskv import ANCHOR_TAU, ANSWER_TAU, LouisKV, LouisKVConfig
 from retrieval.rekv import ReKV, ReKVConfig
 from retrieval.tasks import FACTS, fact_stream, needle, passages, passkey
 
 EVERY_STEP = 2.0  # a tau above 1: retrieve at every step
+FOLLOW = 4  # LouisKVConfig.follow of the "follow" variants
 PARTS = ("accuracy", "long_output", "rekv")
 
 
@@ -84,13 +86,13 @@ def _decode(engine: Engine, logits, cache, n: int, attention=None) -> tuple[list
 
 
 def _louiskv_run(
-    engine, out, n, budget, tau, units_from: LouisKV | None = None
+    engine, out, n, config: LouisKVConfig, units_from: LouisKV | None = None
 ) -> tuple[list[int], float, dict[str, Any], LouisKV]:
-    """Decode `n` tokens with LouisKV from the full prefill `out` (reading the prompt's units from
-    `units_from` if given); returns the tokens, ms/token, the stats (with `offload_s`) and the retriever
-    (not released: the caller releases it)."""
+    """Decode `n` tokens with LouisKV (`config`) from the full prefill `out` (reading the prompt's units
+    from `units_from` if given); returns the tokens, ms/token, the stats (with `offload_s`) and the
+    retriever (not released: the caller releases it)."""
     store = _store() if units_from is None else units_from.store
-    r = LouisKV(engine, LouisKVConfig(budget=budget, tau=tau), store)
+    r = LouisKV(engine, config, store)
     start = time.perf_counter()
     cache = r.offload(out.cache.clone(), units_from=units_from)
     offload_s = time.perf_counter() - start
@@ -99,14 +101,22 @@ def _louiskv_run(
     return new, ms, stats, r
 
 
-def _variants(cfg: BenchConfig) -> list[tuple[str, int, float | tuple[float, ...]]]:
+def _variants(cfg: BenchConfig) -> list[tuple[str, LouisKVConfig]]:
+    """LouisKV's defaults at every budget; at the middle one also the short-answer taus of either trigger
+    (`ANSWER_TAU` adjacent, `ANCHOR_TAU` anchor), each also with `follow`, and retrieval at every step
+    (with and without `follow`)."""
     middle = cfg.budgets[len(cfg.budgets) // 2]
-    rows: list[tuple[str, int, float | tuple[float, ...]]] = [
-        (f"louiskv-{b}", b, LouisKVConfig().tau) for b in cfg.budgets
-    ]
+    answer = dict(budget=middle, tau=ANSWER_TAU, trigger="adjacent")
+    anchor = dict(budget=middle, tau=ANCHOR_TAU, trigger="anchor")
+    every = dict(budget=middle, tau=EVERY_STEP)
+    rows = [(f"louiskv-{b}", LouisKVConfig(budget=b)) for b in cfg.budgets]
     return rows + [
-        (f"louiskv-answer-{middle}", middle, ANSWER_TAU),
-        (f"every-step-{middle}", middle, EVERY_STEP),
+        (f"louiskv-answer-{middle}", LouisKVConfig(**answer)),
+        (f"louiskv-anchor-{middle}", LouisKVConfig(**anchor)),
+        (f"louiskv-follow-{middle}", LouisKVConfig(**answer, follow=FOLLOW)),
+        (f"louiskv-anchor-follow-{middle}", LouisKVConfig(**anchor, follow=FOLLOW)),
+        (f"every-step-{middle}", LouisKVConfig(**every)),
+        (f"every-step-follow-{middle}", LouisKVConfig(**every, follow=FOLLOW)),
     ]
 
 
@@ -166,8 +176,8 @@ def _probe_rows(
         )
     ]
     first: LouisKV | None = None  # its prompt units serve the other variants (same clustering)
-    for name, budget, tau in _variants(cfg):
-        new, ms, stats, r = _louiskv_run(engine, out, cfg.answer_tokens, budget, tau, first)
+    for name, config in _variants(cfg):
+        new, ms, stats, r = _louiskv_run(engine, out, cfg.answer_tokens, config, first)
         if first is None:
             first = r
         else:
@@ -204,7 +214,7 @@ def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str,
     full, full_ms = _decode(engine, out.logits[0, -1], out.cache.clone(), n)
     result: dict[str, Any] = dict(prompt_tokens=len(prompt.ids), tokens=n, full_ms_per_token=full_ms)
     for name, tau in (("louiskv", LouisKVConfig().tau), ("every_step", EVERY_STEP)):
-        new, ms, stats, r = _louiskv_run(engine, out, n, cfg.long_budget, tau)
+        new, ms, stats, r = _louiskv_run(engine, out, n, LouisKVConfig(budget=cfg.long_budget, tau=tau))
         r.release()
         result[name] = dict(
             match_length=_match(full, new), same_tokens=_same(full, new), ms_per_token=ms, **_counters(stats)
@@ -298,7 +308,7 @@ def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for probe, methods in by_probe.items():
         length = probe[1]
-        refs = {"full": "full"} | {m: "every_step" for m in methods if m.startswith("every-step")}
+        refs = {"full": "full"} | {m: _reference_label(m) for m in methods if _reference_label(m)}
         said = texts.get(probe, {})
         for m, ok in methods.items():
             d = out.setdefault(f"{m}@{length}", {})
@@ -310,6 +320,14 @@ def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
                 d[f"wins_vs_{label}"] = d.get(f"wins_vs_{label}", 0) + (ok and not methods[ref])
                 d[f"losses_vs_{label}"] = d.get(f"losses_vs_{label}", 0) + (methods[ref] and not ok)
     return out
+
+
+def _reference_label(method: str) -> str | None:
+    """The paired-count label of a reference method (retrieval at every step, with or without follow)."""
+    for prefix, label in (("every-step-follow-", "every_step_follow"), ("every-step-", "every_step")):
+        if method.startswith(prefix) and method[len(prefix) :].isdigit():
+            return label
+    return None
 
 
 def run(engine: Engine, cfg: BenchConfig, plot: Path | None = None) -> dict[str, Any]:
@@ -387,7 +405,16 @@ def draw(result: dict[str, Any], path: Path) -> None:
 
 
 def _method_order(method: str) -> tuple[int, int]:
-    kind = ("full", "louiskv", "louiskv-answer", "every-step")
+    kind = (
+        "full",
+        "louiskv",
+        "louiskv-answer",
+        "louiskv-anchor",
+        "louiskv-follow",
+        "louiskv-anchor-follow",
+        "every-step",
+        "every-step-follow",
+    )
     name, _, budget = method.rpartition("-")
     if not budget.isdigit():
         return (0, 0)

@@ -55,6 +55,13 @@ ANSWER_TAU = (
     0.63, 0.73, 0.68, 0.75, 0.68, 0.71, 0.72, 0.69, 0.70, 0.74, 0.80, 0.78, 0.87, 0.87, 0.81,
     0.84, 0.90, 0.82, 0.85, 0.90, 0.81, 0.83, 0.84, 0.78, 0.75, 0.84, 0.80, 0.83, 0.80, 0.81,
 )  # fmt: skip
+# The same short-answer calibration for the "anchor" trigger (cos with the query of the layer's last
+# retrieval): calibrate_tau(engine, qa_prompts(tokenizer, 4096, slice(100, 112)), 16, 0.3,
+# trigger="anchor", include_first=True).layer_taus.
+ANCHOR_TAU = (
+    0.61, 0.65, 0.63, 0.70, 0.63, 0.67, 0.67, 0.65, 0.65, 0.69, 0.73, 0.69, 0.82, 0.82, 0.75,
+    0.80, 0.83, 0.76, 0.78, 0.82, 0.74, 0.77, 0.77, 0.72, 0.69, 0.79, 0.76, 0.77, 0.75, 0.74,
+)  # fmt: skip
 DEFAULT_TRIGGER = "adjacent"
 
 
@@ -71,7 +78,11 @@ class LouisKVConfig:
         4-token units, 11 with 8 and 5 with 16, vs 53 for the exact top-512 tokens: a unit's mean key
         hides the few keys a query needs among its other members); max_unit: larger clusters are split.
     min_segment / max_segment: length range of a generated-token segment (max_segment <= window).
-    kmeans_iters: Lloyd iterations (stops early when labels settle)."""
+    kmeans_iters: Lloyd iterations (stops early when labels settle).
+    follow: each selected unit brings the units holding the `follow` tokens after each of its members
+        (0: the paper's selection). Not in the paper: copying a number out of the prompt moves to the
+        next token at every step while the query barely changes, so the trigger does not fire and a
+        selection of k-means units (which split the number across clusters) lacks the later digits."""
 
     budget: int = 512
     tau: float | tuple[float, ...] = DEFAULT_TAU
@@ -83,14 +94,17 @@ class LouisKVConfig:
     min_segment: int = 4
     max_segment: int = 32
     kmeans_iters: int = 10
+    follow: int = 0
 
     def __post_init__(self) -> None:
         for name in ("budget", "window", "cluster_tokens", "max_unit", "min_segment", "max_segment"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LouisKVConfig.{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"LouisKVConfig.n_sink must be an int >= 0, got {self.n_sink!r}")
+        for name in ("n_sink", "follow"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LouisKVConfig.{name} must be an int >= 0, got {value!r}")
         taus = self.tau if isinstance(self.tau, (tuple, list)) else (self.tau,)
         if not taus or any(not isinstance(t, (int, float)) or isinstance(t, bool) or t != t for t in taus):
             raise ValueError(f"LouisKVConfig.tau must be a number or one per layer, got {self.tau!r}")
@@ -339,7 +353,8 @@ class LouisKVLayer(LayerKV):
             self.open_start = token
 
     def _retrieve(self, q: torch.Tensor, scale: float) -> None:
-        chosen = self.pool.select(q, scale, self.owner.config.selection)
+        cfg = self.owner.config
+        chosen = self.pool.select(q, scale, cfg.selection, cfg.follow)
         self.priority = [list(ids) for ids in chosen]
         keep, new = [], []
         for h, ids in enumerate(chosen):
@@ -392,4 +407,4 @@ class LouisKVLayer(LayerKV):
         uid = len(self.pool.keys[head])
         key = self.owner.units.key(self.index, head, uid)
         self.owner.units.put(key, unit, layer=self.index, head=head)
-        return self.pool.add(head, key, unit.k)
+        return self.pool.add(head, key, unit.k, unit.positions)

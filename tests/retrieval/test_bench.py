@@ -22,8 +22,22 @@ def _row(task, depth, seed, method, correct, **extra):
 
 
 def test_variants_share_the_middle_budget():
-    names = [name for name, _, _ in _variants(BenchConfig(budgets=(256, 512, 1024)))]
-    assert names == ["louiskv-256", "louiskv-512", "louiskv-1024", "louiskv-answer-512", "every-step-512"]
+    variants = _variants(BenchConfig(budgets=(256, 512, 1024)))
+    names = [name for name, _ in variants]
+    assert names == [
+        "louiskv-256",
+        "louiskv-512",
+        "louiskv-1024",
+        "louiskv-answer-512",
+        "louiskv-anchor-512",
+        "louiskv-follow-512",
+        "louiskv-anchor-follow-512",
+        "every-step-512",
+        "every-step-follow-512",
+    ]
+    assert [c.budget for _, c in variants] == [256, 512, 1024] + [512] * 6
+    assert [c.trigger for _, c in variants[3:7]] == ["adjacent", "anchor", "adjacent", "anchor"]
+    assert [c.follow for _, c in variants] == [0, 0, 0, 0, 0, 4, 4, 0, 4]
 
 
 def test_done_probes_are_skipped_and_a_past_stop_time_starts_none(tmp_path):
@@ -46,8 +60,10 @@ def test_summary_counts_paired_wins_and_losses():
         _row("needle", 0.1, 0, "full", False),
         _row("needle", 0.1, 0, "louiskv-512", True, retrieval_rate=0.2, retrieval_rate_after_first=0.1),
         _row("needle", 0.1, 0, "every-step-512", True, retrieval_rate=1.0, retrieval_rate_after_first=1.0),
+        _row("passkey", 0.1, 0, "every-step-follow-512", False),
+        _row("needle", 0.1, 0, "every-step-follow-512", False),
     ]
-    for r, text in zip(rows, ["a", "b", "a", "c", "c", "d"], strict=True):
+    for r, text in zip(rows, ["a", "b", "a", "c", "c", "d", "e", "f"], strict=True):
         r["text"] = text
     s = summarize(rows)
     assert (
@@ -58,4 +74,6 @@ def test_summary_counts_paired_wins_and_losses():
     assert abs(lk["retrieval_rate_after_first"] - 0.2) < 1e-9
     assert (lk["wins_vs_full"], lk["losses_vs_full"]) == (1, 1)
     assert (lk["wins_vs_every_step"], lk["losses_vs_every_step"]) == (0, 1)
+    assert (lk["wins_vs_every_step_follow"], lk["losses_vs_every_step_follow"]) == (1, 0)
+    assert "wins_vs_every_step_follow" not in s["every-step-follow-512@1024"]
     assert (s["every-step-512@1024"]["wins_vs_full"], s["every-step-512@1024"]["losses_vs_full"]) == (1, 0)

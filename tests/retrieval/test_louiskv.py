@@ -10,7 +10,7 @@ from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
 from retrieval.calibrate import calibrate_queries, calibrate_tau, decode_queries, trigger_rates
 from retrieval.kmeans import groups, kmeans
-from retrieval.louiskv import ANSWER_TAU, DEFAULT_TAU, LouisKV, LouisKVConfig
+from retrieval.louiskv import ANCHOR_TAU, ANSWER_TAU, DEFAULT_TAU, LouisKV, LouisKVConfig
 from retrieval.tasks import needle, qa_prompts
 
 NEW = 12
@@ -152,9 +152,12 @@ def _layer_rates(r, layers, steps, queries, taus):
 
 def test_answer_taus_are_stricter_than_the_long_output_taus(engine):
     """ANSWER_TAU (calibrated on 16-token answers, first step counted) sits at or below DEFAULT_TAU
-    (96-token outputs) at every layer: short answers move the query more."""
-    assert len(ANSWER_TAU) == len(DEFAULT_TAU) == engine.spec.num_layers
+    (96-token outputs) at every layer: short answers move the query more. ANCHOR_TAU (the same
+    calibration for the anchor trigger) sits at or below ANSWER_TAU: the query drifts further from the
+    last retrieval's query than from the previous step's."""
+    assert len(ANSWER_TAU) == len(DEFAULT_TAU) == len(ANCHOR_TAU) == engine.spec.num_layers
     assert all(a <= d for a, d in zip(ANSWER_TAU, DEFAULT_TAU, strict=True))
+    assert all(a <= d for a, d in zip(ANCHOR_TAU, ANSWER_TAU, strict=True))
     prompts = qa_prompts(engine.tokenizer, 600, slice(100, 102))
     assert len(prompts) == 2 and all(len(p) <= 600 for p in prompts)
     assert engine.tokenizer.decode(prompts[0]).rstrip().endswith("assistant")
@@ -289,3 +292,32 @@ def test_token_units_select_the_exact_top_tokens(engine, probe):
 
     engine.forward([int(out.logits[0, -1].argmax())], cache=cache, attention=compare)
     assert checked == [0, 14, 29]
+
+
+def test_follow_brings_the_tokens_after_each_selected_unit(engine, probe):
+    """With `follow`, a selected unit comes with the units holding the `follow` tokens after each of its
+    members (a number copied out of the prompt stays resident while the query barely moves); the budget
+    still holds, and the best unit is the one the paper's selection puts first."""
+    follow = 3
+    runs = {}
+    for f in (0, follow):
+        r = LouisKV(engine, LouisKVConfig(budget=160, tau=-1.5, follow=f, **SMALL), host_store())
+        cache, logits = r.prefill(probe.ids)
+        engine.decode(logits, cache, 2, attention=r.attention, stop=set())  # one step: one selection
+        assert r.stats.retrievals == engine.spec.num_layers
+        assert r.stats.peak_resident_bytes <= r.budget_bytes
+        runs[f] = r
+    checked = 0
+    for plain, layer in zip(runs[0].layers, runs[follow].layers, strict=True):
+        pool = layer.pool
+        for h in range(layer.heads):
+            best = layer.priority[h][0]
+            assert best == plain.priority[h][0]
+            resident = set(layer.working.positions[h].tolist())
+            after = {p + d for p in pool._positions[h][best] for d in range(1, follow + 1)}
+            stored = {p for p in after if p in pool._at[h]}  # the rest is in the window or past the prompt
+            assert stored <= resident, f"layer {layer.index} head {h}"
+            checked += len(stored)
+    assert checked > 0
+    with pytest.raises(ValueError, match="follow"):
+        LouisKVConfig(follow=-1)
