@@ -17,9 +17,10 @@ batched; its time per pair is reported). Plus the cache's default configuration 
 Latency: a real SemanticCache on the local Redis (verifier on), N entries in one scope (the worst case
 for one search), queries are held-out QQP questions. Search + fetch excludes embedding (the query's
 vector is passed in) and verification, which is timed on its own (only lookups with a candidate above
-the threshold run it); "end to end" includes all three. The timed lookups run in blocks of 50 with the
-store's wake-up PING (RedisStore.wake) on and off in turn, over the same queries ("wake_on"/"wake_off",
-each with the store's round trip alone and the lookups whose span held a garbage collection); and a
+the threshold run it); "end to end" includes all three. The timed lookups run in blocks of 50 in turn,
+over the same queries: as configured ("wake_off"), with the store's wake-up PING (RedisStore.wake,
+"wake_on") and without the verifier ("no_verifier"); each with the store's round trip alone and the
+lookups whose span held a garbage collection. The top-level numbers are the default's. And a
 2-document fetch is timed after pauses of 0-20 ms (idle or busy), which is what makes the fetch slow. Entries are real QQP embeddings; past the ~73k unique
 QQP questions, the rest are synthetic (a normalized mix of two real embeddings plus noise), said in
 the output. Prints one JSON line; writes bench/out/semcache.json and bench/out/semcache.png.
@@ -197,17 +198,26 @@ def latency(
             for q, v in zip(queries[:50], qv[:50], strict=True)
         ]
         assert all(not w.hit or w.answer == answer for w in warm)
-        runs = {True: [], False: []}  # the store's wake-up PING on / off, blocks of the same queries
+        # Blocks of the same queries in turn: the default (wake off), the store's wake-up PING on, and
+        # the verifier off (its 10-20 ms pass after each candidate is what changes the next fetch).
+        modes = {
+            "wake_off": (False, cache.verifier),
+            "wake_on": (True, cache.verifier),
+            "no_verifier": (False, None),
+        }
+        runs: dict[str, list] = {m: [] for m in modes}
+        verifier = cache.verifier
         with GcInSpans() as gcs:
-            for b in range(0, n_queries, WAKE_BLOCK):
-                for wake in (True, False) if (b // WAKE_BLOCK) % 2 == 0 else (False, True):
-                    cache.store.wake_enabled = wake
+            for n, b in enumerate(range(0, n_queries, WAKE_BLOCK)):
+                names = list(modes)
+                for mode in names[n % 3 :] + names[: n % 3]:
+                    cache.store.wake_enabled, cache.verifier = modes[mode]
                     for q, v in zip(queries[b : b + WAKE_BLOCK], qv[b : b + WAKE_BLOCK], strict=True):
                         with gcs.span():
                             r = cache.lookup(q, "bench", category="default", vector=v)
-                        runs[wake].append((r, gcs.last))
-        cache.store.wake_enabled = cache.config.redis_wake
-        res = [r for r, _ in runs[cache.config.redis_wake]]  # the top-level numbers: the default
+                        runs[mode].append((r, gcs.last))
+        cache.store.wake_enabled, cache.verifier = cache.config.redis_wake, verifier
+        res = [r for r, _ in runs["wake_on" if cache.config.redis_wake else "wake_off"]]  # the default
         sf = np.array([r.timings_ms["search_fetch"] for r in res])
         fetched = np.array([r.similarity is not None and r.similarity >= r.threshold for r in res])
         ver = np.array([r.timings_ms["verify"] for r in res])
@@ -231,14 +241,13 @@ def latency(
             "end_to_end_ms_p50": float(np.percentile(e2e, 50)),
             "end_to_end_ms_p99": float(np.percentile(e2e, 99)),
             "hit_rate": float(np.mean([r.hit for r in res])),
-            "wake_on": _tail(runs[True]),
-            "wake_off": _tail(runs[False]),
+            **{mode: _tail(rows) for mode, rows in runs.items()},
         }
     finally:
         cache.store.clear()
 
 
-WAKE_BLOCK = 50  # lookups per block; blocks alternate the store's wake-up on and off
+WAKE_BLOCK = 50  # lookups per block; blocks rotate wake off / wake on / verifier off
 
 
 class GcInSpans:
