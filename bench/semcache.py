@@ -17,7 +17,11 @@ batched; its time per pair is reported). Plus the cache's default configuration 
 Latency: a real SemanticCache on the local Redis (verifier on), N entries in one scope (the worst case
 for one search), queries are held-out QQP questions. Search + fetch excludes embedding (the query's
 vector is passed in) and verification, which is timed on its own (only lookups with a candidate above
-the threshold run it); "end to end" includes all three. Entries are real QQP embeddings; past the ~73k unique
+the threshold run it); "end to end" includes all three. The timed lookups run in blocks of 50 in turn,
+over the same queries: as configured ("wake_off"), with the store's wake-up PING (RedisStore.wake,
+"wake_on") and without the verifier ("no_verifier"); each with the store's round trip alone and the
+lookups whose span held a garbage collection. The top-level numbers are the default's. And a
+2-document fetch is timed after pauses of 0-20 ms (idle or busy), which is what makes the fetch slow. Entries are real QQP embeddings; past the ~73k unique
 QQP questions, the rest are synthetic (a normalized mix of two real embeddings plus noise), said in
 the output. Prints one JSON line; writes bench/out/semcache.json and bench/out/semcache.png.
 """
@@ -25,6 +29,8 @@ the output. Prints one JSON line; writes bench/out/semcache.json and bench/out/s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import sys
@@ -192,10 +198,26 @@ def latency(
             for q, v in zip(queries[:50], qv[:50], strict=True)
         ]
         assert all(not w.hit or w.answer == answer for w in warm)
-        res = [
-            cache.lookup(q, "bench", category="default", vector=v)
-            for q, v in zip(queries[:n_queries], qv, strict=True)
-        ]
+        # Blocks of the same queries in turn: the default (wake off), the store's wake-up PING on, and
+        # the verifier off (its 10-20 ms pass after each candidate is what changes the next fetch).
+        modes = {
+            "wake_off": (False, cache.verifier),
+            "wake_on": (True, cache.verifier),
+            "no_verifier": (False, None),
+        }
+        runs: dict[str, list] = {m: [] for m in modes}
+        verifier = cache.verifier
+        with GcInSpans() as gcs:
+            for n, b in enumerate(range(0, n_queries, WAKE_BLOCK)):
+                names = list(modes)
+                for mode in names[n % 3 :] + names[: n % 3]:
+                    cache.store.wake_enabled, cache.verifier = modes[mode]
+                    for q, v in zip(queries[b : b + WAKE_BLOCK], qv[b : b + WAKE_BLOCK], strict=True):
+                        with gcs.span():
+                            r = cache.lookup(q, "bench", category="default", vector=v)
+                        runs[mode].append((r, gcs.last))
+        cache.store.wake_enabled, cache.verifier = cache.config.redis_wake, verifier
+        res = [r for r, _ in runs["wake_on" if cache.config.redis_wake else "wake_off"]]  # the default
         sf = np.array([r.timings_ms["search_fetch"] for r in res])
         fetched = np.array([r.similarity is not None and r.similarity >= r.threshold for r in res])
         ver = np.array([r.timings_ms["verify"] for r in res])
@@ -219,9 +241,101 @@ def latency(
             "end_to_end_ms_p50": float(np.percentile(e2e, 50)),
             "end_to_end_ms_p99": float(np.percentile(e2e, 99)),
             "hit_rate": float(np.mean([r.hit for r in res])),
+            **{mode: _tail(rows) for mode, rows in runs.items()},
         }
     finally:
         cache.store.clear()
+
+
+WAKE_BLOCK = 50  # lookups per block; blocks rotate wake off / wake on / verifier off
+
+
+class GcInSpans:
+    """Counts the garbage collector's passes that run inside timed spans (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.last = 0  # collections in the latest span
+        self._inside, self._n = False, 0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start" and self._inside:
+            self._n += 1
+
+    def __enter__(self) -> GcInSpans:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    @contextlib.contextmanager
+    def span(self):
+        self._n, self._inside = 0, True
+        try:
+            yield
+        finally:
+            self._inside, self.last = False, self._n
+
+
+def _tail(rows: list) -> dict:
+    """search+fetch p50/p99 of (LookupResult, gc passes) rows; lookups that fetched; the fetch alone; GC."""
+    sf = np.array([r.timings_ms["search_fetch"] for r, _ in rows])
+    f = np.array([r.similarity is not None and r.similarity >= r.threshold for r, _ in rows])
+    fetch = np.array([r.timings_ms["fetch"] for r, _ in rows])
+    with_gc = np.array([n > 0 for _, n in rows])
+    top = sf >= np.percentile(sf, 99)
+
+    def pct(x: np.ndarray, q: float) -> float | None:
+        return float(np.percentile(x, q)) if x.size else None
+
+    return {
+        "lookups": len(rows),
+        "search_fetch_ms_p50": pct(sf, 50),
+        "search_fetch_ms_p99": pct(sf, 99),
+        "with_fetch_ms_p50": pct(sf[f], 50),
+        "with_fetch_ms_p99": pct(sf[f], 99),
+        "fetch_only_ms_p50": pct(fetch[f], 50),
+        "fetch_only_ms_p99": pct(fetch[f], 99),
+        "lookups_with_gc_in_span": int(with_gc.sum()),
+        "slowest_1pct_with_gc": int((with_gc & top).sum()),
+    }
+
+
+def round_trip_after_pause(redis_url: str, reps: int = 200) -> dict:
+    """A 2-document fetch (RedisStore.get_many) after a pause of 0-20 ms, idle (sleep) or busy (spin),
+    interleaved: how much a round trip costs when Redis has had nothing to do for a while."""
+    from semcache.redis_store import RedisStore
+    from semcache.scope import Scope
+    from semcache.store import Entry
+
+    store = RedisStore(redis_url, f"kvfuse-bench:semcache-rtt:{os.getpid()}:", wake=False)
+    vec = np.zeros(384, np.float32)
+    ids = [f"doc{i}" for i in range(2)]
+    for i in ids:
+        store.put(Entry(i, Scope("bench", "default", "default"), "q?", "A cached answer. " * 30, vec))
+
+    def spin(s: float) -> None:
+        t = time.perf_counter()
+        while time.perf_counter() - t < s:
+            pass
+
+    conds = [(kind, ms) for kind in ("sleep", "spin") for ms in (0, 1, 5, 20)]
+    times: dict = {c: [] for c in conds}
+    rng = np.random.default_rng(0)
+    try:
+        for _ in range(reps):
+            for k in rng.permutation(len(conds)):
+                kind, ms = conds[k]
+                (time.sleep if kind == "sleep" else spin)(ms / 1e3)
+                t0 = time.perf_counter()
+                store.get_many(ids)
+                times[(kind, ms)].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        store.clear()
+    return {
+        f"{kind}_{ms}ms": [float(np.percentile(v, 50)), float(np.percentile(v, 99))]
+        for (kind, ms), v in times.items()
+    }
 
 
 def embedding_speed(embedder: Embedder, texts: list[str]) -> dict:
@@ -304,6 +418,7 @@ def main() -> None:
     ap.add_argument("--redis", default=os.environ.get("KVFUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--llm-ms", type=float, help="time of a full LLM answer (default: measured, 64 tokens)")
     ap.add_argument("--plot", type=Path, default=OUT / "semcache.png")
+    ap.add_argument("--latency-only", action="store_true", help="skip the quality part (minutes)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -324,7 +439,7 @@ def main() -> None:
     n_queries, n_e2e = (500, 50) if args.quick else (2000, 100)
     embedder = Embedder()
     vec_of = embed_cached(embedder, [t for p in pairs for t in (p["text_a"], p["text_b"])])
-    q = quality(train, test, vec_of, embedder)
+    q = None if args.latency_only else quality(train, test, vec_of, embedder)
     rng = np.random.default_rng(0)
     queries = sorted({p["text_b"] for p in test})
     rng.shuffle(queries)
@@ -332,6 +447,7 @@ def main() -> None:
     entries = sorted(set(vec_of) - set(queries))  # the asked questions themselves are never cached
     rng.shuffle(entries)
     lat = [latency(n, entries, vec_of, queries, embedder, args.redis, n_queries, n_e2e) for n in sizes]
+    rtt = round_trip_after_pause(args.redis)
     emb = embedding_speed(embedder, queries)
     t_llm = args.llm_ms or llm_ms(64)
     big = lat[-1]
@@ -343,16 +459,19 @@ def main() -> None:
         "quick": args.quick,
         "pairs": len(pairs),
         "torch_threads": args.threads,
-        "quality": {k: v for k, v in q.items() if k != "curves"},
+        "quality": {k: v for k, v in q.items() if k != "curves"} if q else None,
         "latency": lat,
+        "redis_round_trip_after_pause_ms_p50_p99": rtt,
+        "load_average": os.getloadavg(),
         "embedding": emb,
         "llm_answer_ms": t_llm,
         "break_even_hit_rate": (t_embed + t_search) / (t_llm - max(t_fetch, 0.0)),
         "seconds": time.perf_counter() - t_start,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "semcache.json").write_text(json.dumps({**report, "curves": q["curves"]}, indent=2))
-    plot(q, args.plot)
+    (OUT / "semcache.json").write_text(json.dumps({**report, "curves": q["curves"] if q else None}, indent=2))
+    if q:
+        plot(q, args.plot)
     print(json.dumps(report))
 
 

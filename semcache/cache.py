@@ -91,7 +91,7 @@ class SemanticCache:
     # ---- construction -------------------------------------------------------------------------------
     def _make_store(self) -> DocumentStore:
         if self.config.redis_url:
-            return RedisStore(self.config.redis_url, self.config.redis_prefix)
+            return RedisStore(self.config.redis_url, self.config.redis_prefix, wake=self.config.redis_wake)
         folder = self.config.folder_path()
         return LocalStore(folder / "documents" if folder else None)
 
@@ -267,6 +267,7 @@ class SemanticCache:
         result.timings_ms = {
             "embed": (t1 - t0) * 1e3,
             "search_fetch": (t2 - t1) * 1e3 - verify_ms,
+            "fetch": result.timings_ms.get("fetch", 0.0),  # the store's round trip, part of search_fetch
             "verify": verify_ms,
             "total": (t2 - t0) * 1e3,
         }
@@ -284,7 +285,10 @@ class SemanticCache:
 
     def _search(self, question: str, vec: np.ndarray, scope: Scope, result: LookupResult) -> None:
         index = self.indexes.get(scope)
-        found = index.search(vec, self.config.candidates) if index is not None else []
+        found = []
+        if index is not None:
+            self.store.wake()  # Redis idled through the model pass before; let it wake during the search
+            found = index.search(vec, self.config.candidates)
         if found:
             result.similarity = found[0][1]
         passing = [(i, s) for i, s in found if s >= result.threshold]
@@ -292,7 +296,9 @@ class SemanticCache:
             result.reason = "no candidate above the threshold" if found else "nothing cached in this scope"
             return
         try:
+            tf = time.perf_counter()
             docs, epoch = self.store.get_many([i for i, _ in passing])
+            result.timings_ms["fetch"] = (time.perf_counter() - tf) * 1e3
         except StoreUnavailable as exc:
             self.metrics.count(scope.category, "store_errors")
             result.reason = f"store unavailable: {exc}"

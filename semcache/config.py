@@ -25,6 +25,10 @@ def default_examples() -> Path | None:
 class SemcacheConfig:
     redis_url: str | None = None  # None: documents in memory, mirrored to `folder` when that is set
     redis_prefix: str = "kvfuse:semcache:"
+    # A PING sent before each index search so that an idle Redis is awake when the documents are
+    # fetched (RedisStore.wake). Off: on the loaded shared machine it cut the fetch after a model pass
+    # but added as much to misses (README, Semantic cache); a quiet-machine run decides.
+    redis_wake: bool = False
     folder: str | None = AUTO  # index snapshots (and local documents); AUTO = $KVFUSE_HOME/semcache
     categories: tuple[Category, ...] = DEFAULT_CATEGORIES
     default_category: str = "default"

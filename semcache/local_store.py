@@ -88,6 +88,9 @@ class LocalStore:
             tmp.write_bytes(entry.encode())
             tmp.replace(path)
 
+    def wake(self) -> None:
+        """Nothing to wake: the documents are in this process."""
+
     def get_many(self, ids: list[str]) -> tuple[dict[str, Entry], str | None]:
         now = time.time()
         with self._lock:

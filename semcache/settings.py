@@ -12,6 +12,7 @@ class SemcacheSettings(BaseSettings):
 
     redis_url: str | None = None
     redis_prefix: str = "kvfuse:semcache:"
+    redis_wake: bool = False  # a PING before each index search (RedisStore.wake)
     folder: str | None = AUTO
     classifier_examples: str | None = AUTO
     verify: bool = True
@@ -23,6 +24,7 @@ class SemcacheSettings(BaseSettings):
         return SemcacheConfig(
             redis_url=self.redis_url or None,
             redis_prefix=self.redis_prefix,
+            redis_wake=self.redis_wake,
             folder=self.folder or None,
             classifier_examples=self.classifier_examples or None,
             verify=self.verify,

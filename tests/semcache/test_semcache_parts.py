@@ -189,6 +189,42 @@ def test_redis_store_ttl_epoch_and_corrupt_documents(redis_url, redis_prefix):
     assert store.epoch() is None and store.get_many(["id1"])[0] == {}
 
 
+def test_redis_store_wake_pings_without_waiting_and_never_mixes_replies(redis_url, redis_prefix):
+    import redis
+
+    from semcache.redis_store import WAKE_RETRY_S
+
+    store = RedisStore(redis_url, redis_prefix, wake=True)
+    store.ensure_epoch()
+    store.put(_entry(1))
+    store.put(_entry(2))
+    client = redis.Redis.from_url(redis_url)
+
+    def wake_clients():
+        return [c for c in client.client_list() if c["name"] == f"{redis_prefix}wake"]
+
+    assert wake_clients() == []  # connected on the first wake only
+    for n in range(30):  # wakes interleaved with fetches: every fetch gets its own reply
+        store.wake()
+        if n % 3 == 0:
+            store.wake()  # the PING's reply may still be unread: no second PING is stacked
+        docs, _ = store.get_many(["id1", "id2"] if n % 2 else ["id2"])
+        assert set(docs) == ({"id1", "id2"} if n % 2 else {"id2"})
+    (conn,) = wake_clients()  # one connection, named after the prefix, last command a PING
+    assert conn["cmd"] == "ping"
+    store.clear()
+
+    off = RedisStore(redis_url, redis_prefix + "off:")
+    off.wake()  # off by default: sends nothing
+    assert [c for c in client.client_list() if c["name"] == f"{redis_prefix}off:wake"] == []
+
+    dead = RedisStore("redis://127.0.0.1:1/0", "x:", timeout_s=0.5, wake=True)
+    t0 = time.perf_counter()
+    dead.wake()  # refused: no exception, and no retry within WAKE_RETRY_S
+    dead.wake()
+    assert time.perf_counter() - t0 < min(0.5, WAKE_RETRY_S)
+
+
 def test_redis_store_names_a_dead_server():
     from semcache.store import StoreUnavailable
 
