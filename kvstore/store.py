@@ -107,6 +107,7 @@ class TieredStore:
         # Keys whose newest copy was dropped while a networked tier (Redis) was unreachable: that tier
         # may still hold an older version, which is never served (a miss) and is removed once reachable.
         self._shadowed: set[str] = set()
+        self._shadows_lost = 0  # keys not shadowed because `_MAX_SHADOWED` was reached (see stats)
         self._queue_waits = 0  # slow writes whose caller waited because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
@@ -220,10 +221,17 @@ class TieredStore:
         except TierUnavailable as e:
             self._fault(tier, e)
             _release_frames(e)
-            if len(self._shadowed) < _MAX_SHADOWED:
-                self._shadowed.add(key)
+            self._shadow(key)
             return
         self._shadowed.discard(key)
+
+    def _shadow(self, key: str) -> None:
+        """Never serve `key` from a networked tier until it is removed there (see `_shadowed`). Past
+        `_MAX_SHADOWED` keys the older copy may come back: counted in stats as `shadows_lost`."""
+        if key in self._shadowed or len(self._shadowed) < _MAX_SHADOWED:
+            self._shadowed.add(key)
+        else:
+            self._shadows_lost += 1
 
     def _note_dropped(self, key: str, below: int) -> None:
         """A copy of `key` on its way into tier `below` (or lower) was dropped: older copies those tiers
@@ -232,8 +240,7 @@ class TieredStore:
         for k in range(below, len(self.tiers)):
             tier = self.tiers[k]
             if tier.networked and not self._usable(tier):
-                if len(self._shadowed) < _MAX_SHADOWED:
-                    self._shadowed.add(key)
+                self._shadow(key)
             elif tier.networked:
                 self._forget_shadowed(k, key)
             elif tier.contains(key):  # even while marked down: see _drop_older
@@ -604,29 +611,41 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
+        # All of it under tier 0's lock, which every put, promotion and eviction that may queue or
+        # place the key holds: none can queue the key again while the removal walks down the tiers
+        # (released between taking the queued write and removing the host copy, an eviction in
+        # between queued it again). Only the worker runs meanwhile; it skips or undoes a write of a
+        # key no longer pending.
         with self._locks[0]:
-            # under tier 0's lock: no eviction from it queues the key again after this, and a get that
-            # read it from a lower tier before the removal does not promote it (the stamp changed)
-            self._put_stamps[_bucket(key)] += 1
             with self._pending_lock:
                 removed = self._pending.pop(key, None) is not None
-        for j, tier in enumerate(self.tiers):
-            with self._locks[j]:
-                held = tier.contains(key) if not tier.networked else False
-                if not tier.networked:  # also while marked down (see _drop_older)
-                    with contextlib.suppress(OSError):
-                        tier.remove(key)
-                elif not self._usable(tier):
-                    self._shadowed.add(key)  # removed once it answers; never served meanwhile
-                else:
-                    try:
-                        held = bool(tier.remove(key))
-                    except TierUnavailable as e:
-                        self._fault(tier, e)
-                        _release_frames(e)
-                        self._shadowed.add(key)
-                removed = held or removed
+            for j in range(len(self.tiers)):
+                removed = self._remove_in(j, key) or removed
+            # a get that read a lower copy before it was removed promotes (under this lock) only once
+            # we let go: the stamp, changed at the end, stops it (a get that began during the removal
+            # too; changed at the start, it did not)
+            self._put_stamps[_bucket(key)] += 1
         return removed
+
+    def _remove_in(self, j: int, key: str) -> bool:
+        """Remove `key` from tier j; whether it held it. A local tier is asked even while marked down
+        (its index is in memory, see _drop_older); a networked one that is down or fails now keeps
+        the key shadowed: never served from it, removed once it answers."""
+        tier = self.tiers[j]
+        with self._locks[j]:
+            if not tier.networked:
+                held = tier.contains(key)
+                with contextlib.suppress(OSError):
+                    tier.remove(key)
+                return held
+            if self._usable(tier):
+                try:
+                    return bool(tier.remove(key))
+                except TierUnavailable as e:
+                    self._fault(tier, e)
+                    _release_frames(e)
+            self._shadow(key)
+            return False
 
     def keys(self) -> list[str]:
         """Every stored key once (top tier first, LRU order within a tier)."""
@@ -765,6 +784,8 @@ class TieredStore:
         with self._pending_lock:
             out["pending_writes"] = len(self._pending)
         out["queue_waits"] = self._queue_waits
+        out["shadowed"] = len(self._shadowed)
+        out["shadows_lost"] = self._shadows_lost
         out["pinned"] = len(self._pinned)
         return out
 
