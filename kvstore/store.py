@@ -406,9 +406,17 @@ class TieredStore:
                 if tier.networked:
                     self._call(tier, tier.remove, key, default=0)
                 else:
-                    with contextlib.suppress(OSError):  # the index forgets it first (DiskTier.remove)
-                        tier.remove(key)
+                    self._remove_local(tier, key)
         return True
+
+    def _remove_local(self, tier: Tier, key: str) -> None:
+        """tier.remove for a local tier, even while it is marked down. The index forgets the key even
+        when the file stays (DiskTier.remove records it for the next start); an OSError means that
+        record failed too, so a restart may bring the entry back: a fault, shown in health()."""
+        try:
+            tier.remove(key)
+        except OSError as e:
+            self._fault(tier, e)
 
     def _place_here(self, j: int, entry: Entry) -> bool:
         tier = self.tiers[j]
@@ -635,8 +643,7 @@ class TieredStore:
         with self._locks[j]:
             if not tier.networked:
                 held = tier.contains(key)
-                with contextlib.suppress(OSError):
-                    tier.remove(key)
+                self._remove_local(tier, key)
                 return held
             if self._usable(tier):
                 try:
