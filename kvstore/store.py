@@ -27,6 +27,7 @@ block evicts further, and when nothing is left to evict waits up to `lease_wait_
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ import torch
 
 from kvstore.config import StoreConfig
 from kvstore.format import Entry
+from kvstore.keyfile import read_keys, write_keys
 from kvstore.pins import FILE_NAME as PINS_FILE
 from kvstore.pins import PinSet
 from kvstore.tiers.base import Tier, TierFull, TierUnavailable
@@ -46,6 +48,8 @@ from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 from kvstore.tiers.redis_tier import RedisTier
 
+log = logging.getLogger("kvfuse.kvstore")
+SHADOWS_FILE = "shadowed.msgpack"  # beside the disk tier: shadowed keys across a restart (see close)
 _COUNTERS = ("hits", "misses", "puts", "evictions", "demotions", "promotions", "dropped", "faults")
 _STOP = object()
 
@@ -106,7 +110,10 @@ class TieredStore:
         self._put_stamps = [0] * _STAMP_BUCKETS
         # Keys whose newest copy was dropped while a networked tier (Redis) was unreachable: that tier
         # may still hold an older version, which is never served (a miss) and is removed once reachable.
-        self._shadowed: set[str] = set()
+        # With a disk tier they are saved beside it at close and read back here: after a restart the
+        # older copy must stay unserved too. (Lost in a crash; without a disk tier, in any restart.)
+        self._shadow_file = None if disk is None else disk.root / SHADOWS_FILE
+        self._shadowed: set[str] = self._load_shadows()
         self._shadows_lost = 0  # keys not shadowed because `_MAX_SHADOWED` was reached (see stats)
         self._queue_waits = 0  # slow writes whose caller waited because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
@@ -701,8 +708,35 @@ class TieredStore:
             self._worker.join()
             self._worker = None
         self._stopped.set()
+        self._save_shadows()
         for tier in self.tiers:
             tier.close()
+
+    def _load_shadows(self) -> set[str]:
+        if self._shadow_file is None:
+            return set()
+        try:
+            keys = read_keys(self._shadow_file)
+        except (OSError, ValueError) as e:
+            # it cannot tell which Redis copies are older than what was dropped: refuse to serve them
+            raise OSError(f"unreadable {self._shadow_file} ({e}); fix or delete it") from e
+        return set(keys[:_MAX_SHADOWED])
+
+    def _save_shadows(self) -> None:
+        """Keys still shadowed at close, for the next start (only when there is a networked tier: a
+        store opened without Redis leaves a file written by one with Redis alone)."""
+        if self._shadow_file is None or not any(t.networked for t in self.tiers):
+            return
+        try:
+            write_keys(self._shadow_file, set(self._shadowed))
+        except OSError as e:
+            log.error(
+                "shadowed keys not saved to %s (%s): after a restart, Redis may serve older copies "
+                "of %d keys",
+                self._shadow_file,
+                e,
+                len(self._shadowed),
+            )
 
     def _persist(self) -> None:
         """Copy entries held in memory tiers into the first slow tier, most recently used last. Slower

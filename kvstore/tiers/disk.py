@@ -26,12 +26,12 @@ import time
 import uuid
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import torch
 import xxhash
 
 from kvstore.format import PREFIX_BYTES, CorruptEntry, Entry, decode, encode, encoded_nbytes, prefix_checksum
+from kvstore.keyfile import read_keys, write_keys
 from kvstore.tiers.base import LruIndex, Tier, TierUsage
 from kvstore.tiers.pool import BytePool
 
@@ -292,14 +292,10 @@ class DiskTier(Tier):
         """At start: delete the files of entries removed earlier whose deletion failed; keep the keys
         whose files are still there (never indexed)."""
         path = self.root / REMOVED_FILE
-        if not path.exists():
-            return
         try:
-            keys = msgpack.unpackb(path.read_bytes())
-            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-                raise ValueError(f"not a list of keys but {type(keys).__name__}")
-        except (OSError, ValueError, msgpack.UnpackException) as e:
-            # refuse to start rather than serve entries that were removed
+            keys = read_keys(path)
+        except (OSError, ValueError) as e:
+            # it cannot tell which files were removed: refuse rather than serve them
             raise OSError(f"disk tier {self.root}: unreadable {REMOVED_FILE} ({e}); fix or delete it") from e
         for key in keys:
             try:
@@ -312,19 +308,9 @@ class DiskTier(Tier):
             self._save_removed(strict=False)  # still listed: deleted again (or found gone) next time
 
     def _save_removed(self, strict: bool) -> None:
-        """Write the removed keys to REMOVED_FILE (atomically; deleted when none is left). `strict`:
-        raise when that fails, else log it."""
-        path = self.root / REMOVED_FILE
+        """Write the removed keys to REMOVED_FILE. `strict`: raise when that fails, else log it."""
         try:
-            if not self._removed:
-                path.unlink(missing_ok=True)
-                return
-            tmp = path.with_name(f"{TMP_PREFIX}{REMOVED_FILE}-{uuid.uuid4().hex}")
-            try:
-                tmp.write_bytes(msgpack.packb(sorted(self._removed)))
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_keys(self.root / REMOVED_FILE, self._removed)
         except OSError as e:
             if strict:
                 raise

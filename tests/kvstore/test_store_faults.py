@@ -105,6 +105,12 @@ class _Redis(RedisTier):
             raise TierUnavailable(f"injected: Redis at {self.url} dropped the connection during put")
         super().put(entry)
 
+    def remove(self, key: str) -> int:
+        if key in self.fail:
+            self.fail.discard(key)
+            raise TierUnavailable(f"injected: Redis at {self.url} dropped the connection during remove")
+        return super().remove(key)
+
 
 class _Host(HostTier):
     """The real host tier; a get of a key in `release` waits for the test once it has missed or hit."""
@@ -459,6 +465,37 @@ def test_a_get_past_the_top_tier_when_a_put_lands_never_reads_the_shadowed_copy(
     assert got and _version(got[0]) in (None, 3)
     assert _version(store.get(k)) == 3
     store.close()
+
+
+def test_a_restart_keeps_the_shadows_so_redis_never_serves_what_was_dropped_or_removed(
+    tmp_path, redis_url, redis_prefix
+):
+    """Redis holds version 1 of two keys; one's version 2 is dropped on its way there, the other is
+    removed, both while Redis fails: after close and a restart (Redis answering again) neither older
+    copy is served, and both are gone from Redis once asked for."""
+
+    def open_store(redis_tier: RedisTier) -> TieredStore:
+        disk = _Disk(tmp_path / "disk", _disk_entries(1))  # too small for version 2: it goes to Redis
+        return TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
+
+    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
+    store = open_store(redis_tier)
+    dropped, removed = _key(1), _key(2)
+    for k in (dropped, removed):
+        redis_tier.put(tiny_entry(k, seed=1))  # as another engine sharing this Redis left them
+    redis_tier.fail.add(dropped)
+    store.put(tiny_entry(dropped, tokens=8, seed=2))  # too large for host and disk; Redis fails it
+    store.flush()
+    redis_tier.fail.add(removed)
+    store.remove(removed)  # Redis fails: its copy stays there
+    store.close()
+    assert redis_tier.contains(dropped) and redis_tier.contains(removed)  # the older copies, unserved
+    again_redis = RedisTier(redis_url, 1 << 20, redis_prefix)
+    again = open_store(again_redis)
+    assert again.lookup([dropped]) == 0 and again.lookup([removed]) == 0
+    assert again.get(dropped) is None and again.get(removed) is None
+    assert not again_redis.contains(dropped) and not again_redis.contains(removed)
+    again.close()
 
 
 # ---- g. slow writes are queued for the first slow tier even while it is down ---------------------------
