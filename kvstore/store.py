@@ -108,6 +108,11 @@ class TieredStore:
         # bucket happened meanwhile (it would copy an old version over the new one). Fixed size: a
         # collision only skips a promotion.
         self._put_stamps = [0] * _STAMP_BUCKETS
+        # Removes per key bucket, changed at the start and at the end of each (removes run one at a
+        # time, under tier 0's lock: odd = one under way). A removal walks down the tiers, so while
+        # it runs an older copy below may be all that is left; a get that read a lower tier while a
+        # remove in its bucket ran or since it began serves nothing (a miss; a collision is a miss).
+        self._remove_stamps = [0] * _STAMP_BUCKETS
         # Keys whose newest copy was dropped while a networked tier (Redis) was unreachable: that tier
         # may still hold an older version, which is never served (a miss) and is removed once reachable.
         # With a disk tier they are saved beside it at close and read back here: after a restart the
@@ -184,7 +189,8 @@ class TieredStore:
         bytes without a copy (a lease on the host pool, or the tier's own tensors): read them, never
         write them, and drop them when done (a held lease keeps its block from being reused).
         """
-        stamp = self._put_stamps[_bucket(key)]
+        bucket = _bucket(key)
+        stamp, removes = self._put_stamps[bucket], self._remove_stamps[bucket]
         for j, tier in enumerate(self.tiers):
             if tier.slow:
                 with self._pending_lock:
@@ -198,15 +204,22 @@ class TieredStore:
                 self._count(tier, "misses")
                 continue
             entry = self._read(tier, key)
-            if entry is None:
+            if entry is None or (j > 0 and not self._no_remove_since(bucket, removes)):
                 self._count(tier, "misses")
-                continue
+                if entry is None:
+                    continue
+                return None  # maybe an older copy a removal under way had uncovered
             self._count(tier, "hits")
             if j > 0 and self._promote(j, entry, stamp) and self.tiers[0].pooled:
                 # serve the promoted host copy, so the lower tier's read buffer is released at once
                 entry = self._peek(self.tiers[0], key) or entry
             return self._copy(entry) if copy else entry
         return None
+
+    def _no_remove_since(self, bucket: int, removes: int) -> bool:
+        """No remove of a key in `bucket` ran at any time since a get read `removes`."""
+        now = self._remove_stamps[bucket]
+        return now == removes and now % 2 == 0
 
     def _read(self, tier: Tier, key: str) -> Entry | None:
         """tier.get, also from a local tier marked down after a write error: the newer copy it holds
@@ -631,15 +644,20 @@ class TieredStore:
         # (released between taking the queued write and removing the host copy, an eviction in
         # between queued it again). Only the worker runs meanwhile; it skips or undoes a write of a
         # key no longer pending.
+        bucket = _bucket(key)
         with self._locks[0]:
-            with self._pending_lock:
-                removed = self._pending.pop(key, None) is not None
-            for j in range(len(self.tiers)):
-                removed = self._remove_in(j, key) or removed
-            # a get that read a lower copy before it was removed promotes (under this lock) only once
-            # we let go: the stamp, changed at the end, stops it (a get that began during the removal
-            # too; changed at the start, it did not)
-            self._put_stamps[_bucket(key)] += 1
+            self._remove_stamps[bucket] += 1  # odd: under way (gets serve no lower copy, see get)
+            try:
+                with self._pending_lock:
+                    removed = self._pending.pop(key, None) is not None
+                for j in range(len(self.tiers)):
+                    removed = self._remove_in(j, key) or removed
+            finally:
+                self._remove_stamps[bucket] += 1
+                # a get that read a lower copy before it was removed promotes (under this lock) only
+                # once we let go: the stamp, changed at the end, stops it (a get that began during
+                # the removal too; changed at the start, it did not)
+                self._put_stamps[bucket] += 1
         return removed
 
     def _remove_in(self, j: int, key: str) -> bool:

@@ -92,6 +92,8 @@ class _Redis(RedisTier):
         self.fail: set[str] = set()
         self.entered: defaultdict[str, threading.Event] = defaultdict(threading.Event)
         self.release: dict[str, threading.Event] = {}
+        self.before_remove: dict[str, Callable[[], None]] = {}  # run once by the next remove of the key
+        self.read_done: defaultdict[str, threading.Event] = defaultdict(threading.Event)
 
     def entry_size(self, entry):
         if entry.key in self.release:
@@ -106,10 +108,18 @@ class _Redis(RedisTier):
         super().put(entry)
 
     def remove(self, key: str) -> int:
+        hook = self.before_remove.pop(key, None)
+        if hook is not None:
+            hook()
         if key in self.fail:
             self.fail.discard(key)
             raise TierUnavailable(f"injected: Redis at {self.url} dropped the connection during remove")
         return super().remove(key)
+
+    def get(self, key: str):
+        out = super().get(key)
+        self.read_done[key].set()
+        return out
 
 
 class _Host(HostTier):
@@ -359,6 +369,35 @@ def test_a_get_that_reads_the_key_while_remove_walks_down_does_not_promote_it_ba
     assert store.remove(k)
     reader.join(10)
     assert not store.contains(k) and store.get(k) is None
+    store.close()
+
+
+def test_a_get_during_a_remove_never_serves_the_older_copy_the_removal_uncovered(
+    tmp_path, redis_url, redis_prefix
+):
+    """Version 1 in Redis, version 2 on disk above it. remove() walks down: it has removed version 2
+    from disk and not yet version 1 from Redis when a get reads Redis: serving version 1 would show
+    a version older than one acknowledged before the get began (seen in a stress run)."""
+    disk = _Disk(tmp_path / "disk", _disk_entries(100))
+    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
+    k = _key(1)
+    redis_tier.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(k, seed=2))
+    store.put(tiny_entry(_key(2)))  # version 2 written down to disk
+    store.flush()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(store.get(k)), daemon=True)
+
+    def read_first() -> None:  # in the remover, before it removes version 1 from Redis
+        reader.start()
+        assert redis_tier.read_done[k].wait(10)
+
+    redis_tier.before_remove[k] = read_first
+    assert store.remove(k)
+    reader.join(10)
+    assert got and _version(got[0]) in (None, 2)
+    assert store.get(k) is None
     store.close()
 
 
