@@ -203,7 +203,10 @@ class TieredStore:
                         self._forget_shadowed(j, key)
                 self._count(tier, "misses")
                 continue
-            entry = self._read(tier, key)
+            entry, lost = self._read(j, key)
+            if lost:  # the copy there may be the newest: one below may be older (see _read)
+                self._count(tier, "misses")
+                return None
             if entry is None or (j > 0 and not self._no_remove_since(bucket, removes)):
                 self._count(tier, "misses")
                 if entry is None:
@@ -221,15 +224,29 @@ class TieredStore:
         now = self._remove_stamps[bucket]
         return now == removes and now % 2 == 0
 
-    def _read(self, tier: Tier, key: str) -> Entry | None:
-        """tier.get, also from a local tier marked down after a write error: the newer copy it holds
-        must hide the older ones below (a networked tier that is down is skipped, see _call)."""
-        if tier.networked or self._usable(tier):
-            return self._call(tier, tier.get, key, default=None)
+    def _read(self, j: int, key: str) -> tuple[Entry | None, bool]:
+        """(tier j's entry or None, lost). Also reads a local tier marked down after a write error:
+        the newer copy it holds must hide the older ones below (a networked tier that is down is
+        skipped, see _call). `lost`: a local tier held the key but its copy could not be read (an
+        I/O error: a fault) or was corrupt (deleted; older copies below go too, as after a failed
+        write). The get then stops there: serving a lower copy could serve an older version."""
+        tier = self.tiers[j]
+        if tier.networked:
+            return self._call(tier, tier.get, key, default=None), False
+        held, corrupt = tier.contains(key), getattr(tier, "corrupt", 0)
         try:
-            return tier.get(key)
-        except OSError:
-            return None
+            entry = tier.get(key)
+        except OSError as e:
+            self._fault(tier, e)
+            _release_frames(e)
+            return None, True
+        if self._usable(tier):
+            self._down.pop(tier.name, None)  # it answered (as _call does)
+        if entry is None and held and getattr(tier, "corrupt", 0) != corrupt:
+            # (another key's corrupt read at the same moment also lands here: a needless miss)
+            self._note_dropped(key, j + 1)
+            return None, True
+        return entry, False
 
     def _forget_shadowed(self, j: int, key: str) -> None:
         """Remove an older copy that networked tier j may hold under a dropped newer one; if tier j does

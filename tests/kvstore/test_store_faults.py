@@ -206,6 +206,61 @@ def test_a_disk_marked_down_still_serves_its_newer_copy_over_redis(tmp_path, red
     store.close()
 
 
+class _UnreadableDisk(_Disk):
+    """A disk tier whose next read of a key in `unreadable` fails with EIO."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unreadable: set[str] = set()
+
+    def get(self, key: str):
+        if key in self.unreadable:
+            self.unreadable.discard(key)
+            raise OSError(errno.EIO, "injected read error", str(self.path(key)))
+        return super().get(key)
+
+
+def _older_in_redis_newer_on_disk(tmp_path, redis_url, redis_prefix, disk) -> tuple[TieredStore, RedisTier]:
+    redis_tier = RedisTier(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
+    redis_tier.put(tiny_entry(_key(1), seed=1))  # as another engine sharing this Redis left it
+    store.put(tiny_entry(_key(1), seed=2))
+    store.put(tiny_entry(_key(2)))  # version 2 written down to disk, above Redis's version 1
+    store.flush()
+    return store, redis_tier
+
+
+def test_a_corrupt_disk_copy_does_not_uncover_the_older_redis_copy(tmp_path, redis_url, redis_prefix):
+    """A torn write (say a crash without fsync) corrupts the disk's copy of version 2: the disk tier
+    reports a miss and deletes it, and Redis's version 1 was then served in its place."""
+    disk = _Disk(tmp_path / "disk", _disk_entries(100))
+    store, redis_tier = _older_in_redis_newer_on_disk(tmp_path, redis_url, redis_prefix, disk)
+    k = _key(1)
+    path = disk.path(k)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert store.get(k) is None and disk.corrupt == 1
+    assert store.get(k) is None and not redis_tier.contains(k)  # the older copy went with it
+    store.close()
+
+
+def test_a_disk_read_error_is_a_miss_not_the_older_redis_copy(tmp_path, redis_url, redis_prefix):
+    """EIO reading version 2's file: the get was an OSError for the caller (or, with the disk marked
+    down, Redis's version 1); it is a miss, the disk's fault is reported, and once the file reads
+    again version 2 is served."""
+    disk = _UnreadableDisk(tmp_path / "disk", _disk_entries(100))
+    store, _ = _older_in_redis_newer_on_disk(tmp_path, redis_url, redis_prefix, disk)
+    k = _key(1)
+    disk.unreadable.add(k)
+    assert store.get(k) is None
+    assert store.stats()["tiers"]["disk"]["faults"] == 1
+    disk.unreadable.add(k)  # again while the disk is marked down
+    assert store.get(k) is None
+    assert _version(store.get(k)) == 2
+    store.close()
+
+
 # ---- c. close persists through _write_down -----------------------------------------------------------
 
 
