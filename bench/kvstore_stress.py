@@ -118,21 +118,23 @@ def main() -> None:
             errors.append(traceback.format_exc())
 
     t0 = time.monotonic()
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(args.threads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    store.flush()
-    seconds = time.monotonic() - t0
-    final_stale = 0
-    for k, n in done.items():
-        got = store.get(k)
-        final_stale += got is not None and int(got.meta["v"]) < n
-    stats = store.stats()
-    store.close()
-    for key in redis_tier.client.scan_iter(match=prefix.replace("[", "\\[") + "*"):
-        redis_tier.client.delete(key)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(args.threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        store.flush()
+        seconds = time.monotonic() - t0
+        final_stale = 0
+        for k, n in done.items():
+            got = store.get(k)
+            final_stale += got is not None and int(got.meta["v"]) < n
+        stats = store.stats()
+        store.close()
+    finally:
+        for key in redis_tier.client.scan_iter(match=prefix + "*"):  # the prefix has no glob characters
+            redis_tier.client.delete(key)
     print(
         json.dumps(
             {
