@@ -706,13 +706,45 @@ class TieredStore:
         return list(seen)
 
     def clear(self) -> None:
-        """Forget everything (pins too)."""
+        """Forget everything (pins too). TierUnavailable if a networked tier could not be cleared (it
+        keeps its entries, and the keys shadowed there stay shadowed)."""
         self.flush()
         self._pinned.clear()
-        self._shadowed.clear()
-        for j, tier in enumerate(self.tiers):
-            with self._locks[j]:
-                self._call(tier, tier.clear, default=None)
+        failed: list[str] = []
+        # like remove() for every key at once: under tier 0's lock, no get serves a lower copy while
+        # the tiers are cleared top-down (what is left below may be older), nor promotes one after
+        with self._locks[0]:
+            self._bump_all(self._remove_stamps)  # odd: a removal under way in every bucket
+            try:
+                with self._pending_lock:
+                    self._pending.clear()
+                for j, tier in enumerate(self.tiers):
+                    with self._locks[j]:
+                        if not self._clear_tier(tier):
+                            failed.append(tier.name)
+            finally:
+                self._bump_all(self._remove_stamps)
+                self._bump_all(self._put_stamps)
+        if not any(t.networked and t.name in failed for t in self.tiers):
+            self._shadowed.clear()  # nothing left there to hide
+        if failed:
+            raise TierUnavailable(f"clear: tiers {failed} failed; entries may stay there")
+
+    def _clear_tier(self, tier: Tier) -> bool:
+        """tier.clear (a local tier also while marked down); False if it failed (a fault)."""
+        if tier.networked:
+            return self._call(tier, tier.clear, default=False) is not False
+        try:
+            tier.clear()
+        except OSError as e:
+            self._fault(tier, e)
+            return False
+        return True
+
+    @staticmethod
+    def _bump_all(stamps: list[int]) -> None:
+        for i in range(len(stamps)):
+            stamps[i] += 1
 
     def close(self) -> None:
         """Refuse later puts and wait for those under way, persist memory-only entries, finish queued

@@ -456,6 +456,49 @@ def test_a_get_during_a_remove_never_serves_the_older_copy_the_removal_uncovered
     store.close()
 
 
+def test_a_get_during_clear_never_serves_an_older_copy_it_uncovered(tmp_path, redis_url, redis_prefix):
+    """clear() empties the tiers top-down: between the disk and Redis, a get found Redis's version 1
+    under the version 2 just cleared from disk."""
+    disk = _Disk(tmp_path / "disk", _disk_entries(100))
+    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
+    k = _key(1)
+    redis_tier.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(k, seed=2))
+    store.put(tiny_entry(_key(2)))  # version 2 written down to disk
+    store.flush()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(store.get(k)), daemon=True)
+
+    def read_first() -> None:  # in clear, before it removes version 1 from Redis
+        reader.start()
+        assert redis_tier.read_done[k].wait(10)
+
+    redis_tier.before_remove[k] = read_first
+    store.clear()
+    reader.join(10)
+    assert got and _version(got[0]) in (None, 2)
+    assert store.get(k) is None and store.keys() == []
+    store.close()
+
+
+def test_a_clear_that_redis_fails_is_an_error_and_keeps_its_shadows(redis_url, redis_prefix):
+    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(StoreConfig(redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier])
+    k = _key(1)
+    store.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(_key(2)))
+    store.flush()  # version 1 in Redis
+    redis_tier.fail.add(k)
+    store.remove(k)  # Redis fails: k shadowed
+    assert store.health()["ok"]  # Redis answers again
+    redis_tier.fail.add(k)
+    with pytest.raises(TierUnavailable, match="redis"):
+        store.clear()  # Redis fails again: its copy of k stays, and must stay unserved
+    assert store.get(k) is None
+    store.close()
+
+
 def test_remove_shadows_at_most_the_cap_and_counts_the_rest(redis_url, redis_prefix, monkeypatch):
     """Removes while Redis is down shadow their keys (Redis may hold a copy), bounded like the other
     shadows: past the cap a key is counted as lost instead of growing the set without end."""
