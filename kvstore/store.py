@@ -27,6 +27,7 @@ block evicts further, and when nothing is left to evict waits up to `lease_wait_
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ import torch
 
 from kvstore.config import StoreConfig
 from kvstore.format import Entry
+from kvstore.keyfile import read_keys, write_keys
 from kvstore.pins import FILE_NAME as PINS_FILE
 from kvstore.pins import PinSet
 from kvstore.tiers.base import Tier, TierFull, TierUnavailable
@@ -46,6 +48,8 @@ from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 from kvstore.tiers.redis_tier import RedisTier
 
+log = logging.getLogger("kvfuse.kvstore")
+SHADOWS_FILE = "shadowed.msgpack"  # beside the disk tier: shadowed keys across a restart (see close)
 _COUNTERS = ("hits", "misses", "puts", "evictions", "demotions", "promotions", "dropped", "faults")
 _STOP = object()
 
@@ -104,9 +108,18 @@ class TieredStore:
         # bucket happened meanwhile (it would copy an old version over the new one). Fixed size: a
         # collision only skips a promotion.
         self._put_stamps = [0] * _STAMP_BUCKETS
+        # Removes per key bucket, changed at the start and at the end of each (removes run one at a
+        # time, under tier 0's lock: odd = one under way). A removal walks down the tiers, so while
+        # it runs an older copy below may be all that is left; a get that read a lower tier while a
+        # remove in its bucket ran or since it began serves nothing (a miss; a collision is a miss).
+        self._remove_stamps = [0] * _STAMP_BUCKETS
         # Keys whose newest copy was dropped while a networked tier (Redis) was unreachable: that tier
         # may still hold an older version, which is never served (a miss) and is removed once reachable.
-        self._shadowed: set[str] = set()
+        # With a disk tier they are saved beside it at close and read back here: after a restart the
+        # older copy must stay unserved too. (Lost in a crash; without a disk tier, in any restart.)
+        self._shadow_file = None if disk is None else disk.root / SHADOWS_FILE
+        self._shadowed: set[str] = self._load_shadows()
+        self._shadows_lost = 0  # keys not shadowed because `_MAX_SHADOWED` was reached (see stats)
         self._queue_waits = 0  # slow writes whose caller waited because the queue was full
         self._queue: queue.Queue = queue.Queue(maxsize=self.config.write_queue)
         self._worker: threading.Thread | None = None
@@ -176,7 +189,8 @@ class TieredStore:
         bytes without a copy (a lease on the host pool, or the tier's own tensors): read them, never
         write them, and drop them when done (a held lease keeps its block from being reused).
         """
-        stamp = self._put_stamps[_bucket(key)]
+        bucket = _bucket(key)
+        stamp, removes = self._put_stamps[bucket], self._remove_stamps[bucket]
         for j, tier in enumerate(self.tiers):
             if tier.slow:
                 with self._pending_lock:
@@ -189,10 +203,15 @@ class TieredStore:
                         self._forget_shadowed(j, key)
                 self._count(tier, "misses")
                 continue
-            entry = self._read(tier, key)
-            if entry is None:
+            entry, lost = self._read(j, key)
+            if lost:  # the copy there may be the newest: one below may be older (see _read)
                 self._count(tier, "misses")
-                continue
+                return None
+            if entry is None or (j > 0 and not self._no_remove_since(bucket, removes)):
+                self._count(tier, "misses")
+                if entry is None:
+                    continue
+                return None  # maybe an older copy a removal under way had uncovered
             self._count(tier, "hits")
             if j > 0 and self._promote(j, entry, stamp) and self.tiers[0].pooled:
                 # serve the promoted host copy, so the lower tier's read buffer is released at once
@@ -200,15 +219,34 @@ class TieredStore:
             return self._copy(entry) if copy else entry
         return None
 
-    def _read(self, tier: Tier, key: str) -> Entry | None:
-        """tier.get, also from a local tier marked down after a write error: the newer copy it holds
-        must hide the older ones below (a networked tier that is down is skipped, see _call)."""
-        if tier.networked or self._usable(tier):
-            return self._call(tier, tier.get, key, default=None)
+    def _no_remove_since(self, bucket: int, removes: int) -> bool:
+        """No remove of a key in `bucket` ran at any time since a get read `removes`."""
+        now = self._remove_stamps[bucket]
+        return now == removes and now % 2 == 0
+
+    def _read(self, j: int, key: str) -> tuple[Entry | None, bool]:
+        """(tier j's entry or None, lost). Also reads a local tier marked down after a write error:
+        the newer copy it holds must hide the older ones below (a networked tier that is down is
+        skipped, see _call). `lost`: a local tier held the key but its copy could not be read (an
+        I/O error: a fault) or was corrupt (deleted; older copies below go too, as after a failed
+        write). The get then stops there: serving a lower copy could serve an older version."""
+        tier = self.tiers[j]
+        if tier.networked:
+            return self._call(tier, tier.get, key, default=None), False
+        held, corrupt = tier.contains(key), getattr(tier, "corrupt", 0)
         try:
-            return tier.get(key)
-        except OSError:
-            return None
+            entry = tier.get(key)
+        except OSError as e:
+            self._fault(tier, e)
+            _release_frames(e)
+            return None, True
+        if self._usable(tier):
+            self._down.pop(tier.name, None)  # it answered (as _call does)
+        if entry is None and held and getattr(tier, "corrupt", 0) != corrupt:
+            # (another key's corrupt read at the same moment also lands here: a needless miss)
+            self._note_dropped(key, j + 1)
+            return None, True
+        return entry, False
 
     def _forget_shadowed(self, j: int, key: str) -> None:
         """Remove an older copy that networked tier j may hold under a dropped newer one; if tier j does
@@ -220,10 +258,17 @@ class TieredStore:
         except TierUnavailable as e:
             self._fault(tier, e)
             _release_frames(e)
-            if len(self._shadowed) < _MAX_SHADOWED:
-                self._shadowed.add(key)
+            self._shadow(key)
             return
         self._shadowed.discard(key)
+
+    def _shadow(self, key: str) -> None:
+        """Never serve `key` from a networked tier until it is removed there (see `_shadowed`). Past
+        `_MAX_SHADOWED` keys the older copy may come back: counted in stats as `shadows_lost`."""
+        if key in self._shadowed or len(self._shadowed) < _MAX_SHADOWED:
+            self._shadowed.add(key)
+        else:
+            self._shadows_lost += 1
 
     def _note_dropped(self, key: str, below: int) -> None:
         """A copy of `key` on its way into tier `below` (or lower) was dropped: older copies those tiers
@@ -232,8 +277,7 @@ class TieredStore:
         for k in range(below, len(self.tiers)):
             tier = self.tiers[k]
             if tier.networked and not self._usable(tier):
-                if len(self._shadowed) < _MAX_SHADOWED:
-                    self._shadowed.add(key)
+                self._shadow(key)
             elif tier.networked:
                 self._forget_shadowed(k, key)
             elif tier.contains(key):  # even while marked down: see _drop_older
@@ -399,9 +443,17 @@ class TieredStore:
                 if tier.networked:
                     self._call(tier, tier.remove, key, default=0)
                 else:
-                    with contextlib.suppress(OSError):  # the index forgets it first (DiskTier.remove)
-                        tier.remove(key)
+                    self._remove_local(tier, key)
         return True
+
+    def _remove_local(self, tier: Tier, key: str) -> None:
+        """tier.remove for a local tier, even while it is marked down. The index forgets the key even
+        when the file stays (DiskTier.remove records it for the next start); an OSError means that
+        record failed too, so a restart may bring the entry back: a fault, shown in health()."""
+        try:
+            tier.remove(key)
+        except OSError as e:
+            self._fault(tier, e)
 
     def _place_here(self, j: int, entry: Entry) -> bool:
         tier = self.tiers[j]
@@ -604,29 +656,45 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
+        # All of it under tier 0's lock, which every put, promotion and eviction that may queue or
+        # place the key holds: none can queue the key again while the removal walks down the tiers
+        # (released between taking the queued write and removing the host copy, an eviction in
+        # between queued it again). Only the worker runs meanwhile; it skips or undoes a write of a
+        # key no longer pending.
+        bucket = _bucket(key)
         with self._locks[0]:
-            # under tier 0's lock: no eviction from it queues the key again after this, and a get that
-            # read it from a lower tier before the removal does not promote it (the stamp changed)
-            self._put_stamps[_bucket(key)] += 1
-            with self._pending_lock:
-                removed = self._pending.pop(key, None) is not None
-        for j, tier in enumerate(self.tiers):
-            with self._locks[j]:
-                held = tier.contains(key) if not tier.networked else False
-                if not tier.networked:  # also while marked down (see _drop_older)
-                    with contextlib.suppress(OSError):
-                        tier.remove(key)
-                elif not self._usable(tier):
-                    self._shadowed.add(key)  # removed once it answers; never served meanwhile
-                else:
-                    try:
-                        held = bool(tier.remove(key))
-                    except TierUnavailable as e:
-                        self._fault(tier, e)
-                        _release_frames(e)
-                        self._shadowed.add(key)
-                removed = held or removed
+            self._remove_stamps[bucket] += 1  # odd: under way (gets serve no lower copy, see get)
+            try:
+                with self._pending_lock:
+                    removed = self._pending.pop(key, None) is not None
+                for j in range(len(self.tiers)):
+                    removed = self._remove_in(j, key) or removed
+            finally:
+                self._remove_stamps[bucket] += 1
+                # a get that read a lower copy before it was removed promotes (under this lock) only
+                # once we let go: the stamp, changed at the end, stops it (a get that began during
+                # the removal too; changed at the start, it did not)
+                self._put_stamps[bucket] += 1
         return removed
+
+    def _remove_in(self, j: int, key: str) -> bool:
+        """Remove `key` from tier j; whether it held it. A local tier is asked even while marked down
+        (its index is in memory, see _drop_older); a networked one that is down or fails now keeps
+        the key shadowed: never served from it, removed once it answers."""
+        tier = self.tiers[j]
+        with self._locks[j]:
+            if not tier.networked:
+                held = tier.contains(key)
+                self._remove_local(tier, key)
+                return held
+            if self._usable(tier):
+                try:
+                    return bool(tier.remove(key))
+                except TierUnavailable as e:
+                    self._fault(tier, e)
+                    _release_frames(e)
+            self._shadow(key)
+            return False
 
     def keys(self) -> list[str]:
         """Every stored key once (top tier first, LRU order within a tier)."""
@@ -638,13 +706,45 @@ class TieredStore:
         return list(seen)
 
     def clear(self) -> None:
-        """Forget everything (pins too)."""
+        """Forget everything (pins too). TierUnavailable if a networked tier could not be cleared (it
+        keeps its entries, and the keys shadowed there stay shadowed)."""
         self.flush()
         self._pinned.clear()
-        self._shadowed.clear()
-        for j, tier in enumerate(self.tiers):
-            with self._locks[j]:
-                self._call(tier, tier.clear, default=None)
+        failed: list[str] = []
+        # like remove() for every key at once: under tier 0's lock, no get serves a lower copy while
+        # the tiers are cleared top-down (what is left below may be older), nor promotes one after
+        with self._locks[0]:
+            self._bump_all(self._remove_stamps)  # odd: a removal under way in every bucket
+            try:
+                with self._pending_lock:
+                    self._pending.clear()
+                for j, tier in enumerate(self.tiers):
+                    with self._locks[j]:
+                        if not self._clear_tier(tier):
+                            failed.append(tier.name)
+            finally:
+                self._bump_all(self._remove_stamps)
+                self._bump_all(self._put_stamps)
+        if not any(t.networked and t.name in failed for t in self.tiers):
+            self._shadowed.clear()  # nothing left there to hide
+        if failed:
+            raise TierUnavailable(f"clear: tiers {failed} failed; entries may stay there")
+
+    def _clear_tier(self, tier: Tier) -> bool:
+        """tier.clear (a local tier also while marked down); False if it failed (a fault)."""
+        if tier.networked:
+            return self._call(tier, tier.clear, default=False) is not False
+        try:
+            tier.clear()
+        except OSError as e:
+            self._fault(tier, e)
+            return False
+        return True
+
+    @staticmethod
+    def _bump_all(stamps: list[int]) -> None:
+        for i in range(len(stamps)):
+            stamps[i] += 1
 
     def close(self) -> None:
         """Refuse later puts and wait for those under way, persist memory-only entries, finish queued
@@ -675,8 +775,35 @@ class TieredStore:
             self._worker.join()
             self._worker = None
         self._stopped.set()
+        self._save_shadows()
         for tier in self.tiers:
             tier.close()
+
+    def _load_shadows(self) -> set[str]:
+        if self._shadow_file is None:
+            return set()
+        try:
+            keys = read_keys(self._shadow_file)
+        except (OSError, ValueError) as e:
+            # it cannot tell which Redis copies are older than what was dropped: refuse to serve them
+            raise OSError(f"unreadable {self._shadow_file} ({e}); fix or delete it") from e
+        return set(keys[:_MAX_SHADOWED])
+
+    def _save_shadows(self) -> None:
+        """Keys still shadowed at close, for the next start (only when there is a networked tier: a
+        store opened without Redis leaves a file written by one with Redis alone)."""
+        if self._shadow_file is None or not any(t.networked for t in self.tiers):
+            return
+        try:
+            write_keys(self._shadow_file, set(self._shadowed))
+        except OSError as e:
+            log.error(
+                "shadowed keys not saved to %s (%s): after a restart, Redis may serve older copies "
+                "of %d keys",
+                self._shadow_file,
+                e,
+                len(self._shadowed),
+            )
 
     def _persist(self) -> None:
         """Copy entries held in memory tiers into the first slow tier, most recently used last. Slower
@@ -765,6 +892,8 @@ class TieredStore:
         with self._pending_lock:
             out["pending_writes"] = len(self._pending)
         out["queue_waits"] = self._queue_waits
+        out["shadowed"] = len(self._shadowed)
+        out["shadows_lost"] = self._shadows_lost
         out["pinned"] = len(self._pinned)
         return out
 

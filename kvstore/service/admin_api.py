@@ -22,6 +22,7 @@ from kvstore.service.deps import Settings, Store, require_api_key
 from kvstore.service.heap import heap_stats
 from kvstore.service.responses import bad_request, check_key, check_keys, namespace_from, run
 from kvstore.store import TieredStore
+from kvstore.tiers.base import TierUnavailable
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 
@@ -228,7 +229,10 @@ async def clear(body: ClearBody, store: Store) -> dict[str, Any]:
     """Empty one tier (entries held by other tiers stay there) or, with no tier, the whole store."""
     if body.tier is None:
         removed = await run(lambda: len(store.keys()))
-        await run(store.clear)
+        try:
+            await run(store.clear)
+        except TierUnavailable as e:  # a tier did not answer: the store is not empty, say so
+            raise HTTPException(503, str(e)) from None
         return {"cleared": "all", "removed": removed}
     return {"cleared": body.tier, "removed": await run(_clear_tier, store, body.tier)}
 

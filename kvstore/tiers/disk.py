@@ -2,7 +2,9 @@
 
 Files live at `<root>/<key[:2]>/<key>.kvf`. At start the index is rebuilt from the folder (LRU order from
 modification times, which a hit refreshes), so a restart keeps every entry. A torn, truncated or corrupted
-file fails its checksum on read: it is reported as a miss and deleted, never returned.
+file fails its checksum on read: it is reported as a miss and deleted, never returned. A removed entry
+whose file cannot be deleted (EACCES, EPERM, EIO) is forgotten at once and named in `removed.msgpack`,
+so the next start deletes it (or skips it) instead of serving it again (see DiskTier.remove).
 
 Reads land in a reusable BytePool (`read_pool_bytes`, touched at start and backed by huge pages) instead
 of fresh memory (which would cost a page fault per 4 KiB); the returned entry's tensors are a lease on
@@ -29,12 +31,14 @@ import torch
 import xxhash
 
 from kvstore.format import PREFIX_BYTES, CorruptEntry, Entry, decode, encode, encoded_nbytes, prefix_checksum
+from kvstore.keyfile import read_keys, write_keys
 from kvstore.tiers.base import LruIndex, Tier, TierUsage
 from kvstore.tiers.pool import BytePool
 
 log = logging.getLogger("kvfuse.disk")
 SUFFIX = ".kvf"
 TMP_PREFIX = ".tmp-"
+REMOVED_FILE = "removed.msgpack"  # keys removed whose files could not be deleted (see DiskTier.remove)
 BLOCK = 4096  # read buffers start on page boundaries (O_DIRECT needs it)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere 0: the "direct" reads are buffered
 
@@ -65,6 +69,7 @@ class DiskTier(Tier):
         self.corrupt = 0  # files found torn or corrupt (and deleted) since start
         self._direct = bool(_O_DIRECT)  # cleared when the file system refuses O_DIRECT
         self._clock = 0  # last mtime given out: strictly increasing, so equal timestamps never tie
+        self._removed: set[str] = set()  # removed, file not deleted: never indexed again (REMOVED_FILE)
         self._rebuild()
 
     def path(self, key: str) -> Path:
@@ -73,6 +78,7 @@ class DiskTier(Tier):
         return self.root / key[:2] / (key + SUFFIX)
 
     def _rebuild(self) -> None:
+        self._retry_removals()
         found = []
         for sub in self.root.iterdir():
             if not sub.is_dir():
@@ -81,7 +87,7 @@ class DiskTier(Tier):
                 if f.name.startswith(TMP_PREFIX):  # left by a crash mid-write
                     with contextlib.suppress(OSError):
                         os.unlink(f.path)
-                elif f.name.endswith(SUFFIX):
+                elif f.name.endswith(SUFFIX) and f.name[: -len(SUFFIX)] not in self._removed:
                     st = f.stat()
                     found.append((st.st_mtime_ns, f.name[: -len(SUFFIX)], st.st_size))
         found.sort()
@@ -117,6 +123,9 @@ class DiskTier(Tier):
                         self._index.add(entry.key, old_value, old_size)
                     raise
                 self._stamp(final)
+                if entry.key in self._removed:  # the file there is this entry now, not the removed one
+                    self._removed.discard(entry.key)
+                    self._save_removed(strict=False)  # if unsaved, the next start drops it: a miss
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -252,13 +261,60 @@ class DiskTier(Tier):
         return value if isinstance(value, int) else None
 
     def remove(self, key: str) -> int:
+        """Forget `key` and delete its file; the bytes freed (0 if absent).
+
+        When the file cannot be deleted (a permission or I/O error), the entry is still forgotten at
+        once (the store removes older copies this way: keeping one in the index would serve it over
+        a newer copy below), and the key is saved in REMOVED_FILE so the next start retries the
+        deletion and never indexes the file. Only when that cannot be saved either does remove raise
+        the OSError: then a restart would bring the entry back, and the caller must know."""
         with self._index.lock:
             item = self._index.pop(key)
             if item is None:
                 return 0
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self.path(key))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning(
+                    "disk tier %s: cannot delete removed entry %s (%s); recorded in %s",
+                    self.root,
+                    key,
+                    e,
+                    REMOVED_FILE,
+                )
+                self._removed.add(key)
+                self._save_removed(strict=True)
             return item[1]
+
+    def _retry_removals(self) -> None:
+        """At start: delete the files of entries removed earlier whose deletion failed; keep the keys
+        whose files are still there (never indexed)."""
+        path = self.root / REMOVED_FILE
+        try:
+            keys = read_keys(path)
+        except (OSError, ValueError) as e:
+            # it cannot tell which files were removed: refuse rather than serve them
+            raise OSError(f"disk tier {self.root}: unreadable {REMOVED_FILE} ({e}); fix or delete it") from e
+        for key in keys:
+            try:
+                os.unlink(self.path(key))
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError):
+                self._removed.add(key)
+        if len(self._removed) < len(keys):
+            self._save_removed(strict=False)  # still listed: deleted again (or found gone) next time
+
+    def _save_removed(self, strict: bool) -> None:
+        """Write the removed keys to REMOVED_FILE. `strict`: raise when that fails, else log it."""
+        try:
+            write_keys(self.root / REMOVED_FILE, self._removed)
+        except OSError as e:
+            if strict:
+                raise
+            log.warning("disk tier %s: %s not saved: %s", self.root, REMOVED_FILE, e)
 
     def keys(self) -> list[str]:
         return self._index.keys()

@@ -133,9 +133,17 @@ class RedisTier(Tier):
             try:
                 self.client.set(self._data_key(entry.key), data, ex=self.ttl_s)
             except BaseException:
-                with contextlib.suppress(*_FAULTS):
-                    self._release(keys=self._index_keys, args=[entry.key])
+                self._undo_reserve(entry.key)
                 raise
+
+    def _undo_reserve(self, key: str) -> None:
+        """After a failed SET: the data key may hold the older entry (or this one, if only the reply
+        was lost). Delete it first and only then drop it from the index: released without the DEL
+        (as before), the data key stayed readable but uncounted and out of the LRU, so never evicted.
+        If the DEL fails too, the reservation stays: counted and evictable until removed."""
+        with contextlib.suppress(*_FAULTS):
+            self.client.delete(self._data_key(key))
+            self._release(keys=self._index_keys, args=[key])
 
     def get(self, key: str) -> Entry | None:
         with self._io("get"):

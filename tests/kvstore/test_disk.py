@@ -6,7 +6,7 @@ import os
 import threading
 
 import torch
-from kvstore_helpers import SMOL, tiny_entry
+from kvstore_helpers import ENTRY_BYTES, SMOL, tiny_entry
 
 from kvstore import Entry, KVConnector, Namespace, StoreConfig, TieredStore
 from kvstore.tiers import DiskTier
@@ -211,3 +211,108 @@ def test_a_read_does_not_record_the_checksum_of_a_file_replaced_meanwhile(tmp_pa
     assert disk.checksum_of(v1.key) == newest
     disk.pause = False
     assert torch.equal(disk.get(v1.key).kv, v2.kv) and disk.checksum_of(v1.key) == newest
+
+
+def test_a_removed_entry_whose_file_cannot_be_deleted_stays_removed_after_a_restart(tmp_path):
+    """unlink fails (the file is immutable: EPERM, even for root): the entry is forgotten at once and
+    named in removed.msgpack, so a restart skips the file instead of serving it, and deletes it once
+    it can."""
+    import pytest
+
+    from kvstore.tiers.disk import REMOVED_FILE
+
+    disk = DiskTier(tmp_path, 1 << 20)
+    gone, kept = tiny_entry(_key(1), seed=1), tiny_entry(_key(2), seed=2)
+    disk.put(gone)
+    disk.put(kept)
+    path = disk.path(gone.key)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    try:
+        assert disk.remove(gone.key) > 0
+        assert not disk.contains(gone.key) and disk.get(gone.key) is None and path.exists()
+        again = DiskTier(tmp_path, 1 << 20)  # the file is still there: it is not indexed
+        assert again.keys() == [kept.key] and (tmp_path / REMOVED_FILE).exists()
+    finally:
+        _chattr("-i", path)
+    again = DiskTier(tmp_path, 1 << 20)  # now it can be deleted: it is, and the record goes
+    assert again.keys() == [kept.key] and not path.exists() and not (tmp_path / REMOVED_FILE).exists()
+    again.put(gone)  # and the key can be stored again
+    assert torch.equal(DiskTier(tmp_path, 1 << 20).get(gone.key).kv, gone.kv)
+
+
+def test_a_put_over_a_removed_but_undeleted_file_is_kept_by_a_restart(tmp_path):
+    import pytest
+
+    from kvstore.tiers.disk import REMOVED_FILE
+
+    disk = DiskTier(tmp_path, 1 << 20)
+    old, new = tiny_entry(_key(1), seed=1), tiny_entry(_key(1), seed=2)
+    disk.put(old)
+    path = disk.path(old.key)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    try:
+        disk.remove(old.key)
+        assert (tmp_path / REMOVED_FILE).exists()
+    finally:
+        _chattr("-i", path)
+    disk.put(new)  # replaces the file: the record of the removal goes
+    assert not (tmp_path / REMOVED_FILE).exists()
+    assert torch.equal(DiskTier(tmp_path, 1 << 20).get(new.key).kv, new.kv)
+
+
+def test_a_store_remove_that_cannot_delete_or_record_is_a_fault_and_the_entry_stays_unserved(tmp_path):
+    """The folder itself is immutable too: neither the file nor the record can be written. The store's
+    remove still forgets the entry (never served by this process) and reports the disk's fault."""
+    import pytest
+
+    from kvstore.tiers import HostTier
+
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(write_behind=False), tiers=[HostTier(ENTRY_BYTES), disk])
+    k = _key(1)
+    store.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(_key(2)))  # k written down
+    assert disk.contains(k)
+    path = disk.path(k)
+    if not (_chattr("+i", path) and _chattr("+i", disk.root)):
+        _chattr("-i", path)
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    try:
+        assert store.remove(k)
+        assert store.get(k) is None and not store.contains(k)
+        health = store.health()["tiers"]["disk"]
+        assert not health["ok"] and "Operation not permitted" in health["error"]
+        assert store.stats()["tiers"]["disk"]["faults"] == 1
+    finally:
+        _chattr("-i", disk.root)
+        _chattr("-i", path)
+    store.close()
+
+
+def test_a_store_restart_does_not_bring_back_an_entry_removed_while_its_file_was_stuck(tmp_path):
+    import pytest
+
+    from kvstore.tiers import HostTier
+
+    def open_store() -> TieredStore:
+        disk = DiskTier(tmp_path / "disk", 1 << 20)
+        return TieredStore(StoreConfig(write_behind=False), tiers=[HostTier(ENTRY_BYTES), disk])
+
+    store = open_store()
+    k = _key(1)
+    store.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(_key(2)))  # k written down
+    path = store.tiers[1].path(k)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    try:
+        assert store.remove(k)
+        assert store.health()["ok"]  # recorded: nothing for an operator to do
+        store.close()
+        again = open_store()
+        assert again.get(k) is None and again.lookup([k]) == 0
+        again.close()
+    finally:
+        _chattr("-i", path)

@@ -175,3 +175,36 @@ def test_redis_cluster_url_round_trip_capacity_and_store(redis_cluster):
     assert sorted(store.tiers[1].keys()) == [_key(i) for i in range(3)]  # demoted through the cluster
     assert torch.equal(store.get(_key(0)).kv, tiny_entry(_key(0), seed=0).kv)  # and promoted back
     store.close()
+
+
+def _consistent(tier: RedisTier) -> None:
+    """Every data key under the prefix is in the LRU (so it can be evicted) and counted in the bytes."""
+    client = redis.Redis.from_url(tier.url)
+    start = tier.prefix + "e:"
+    pattern = "".join("\\" + c if c in "[]*?\\" else c for c in start) + "*"
+    data = {k.decode()[len(start) :]: client.strlen(k) for k in client.scan_iter(match=pattern)}
+    assert sorted(data) == sorted(tier.keys())
+    assert tier.usage().bytes == sum(data.values())
+
+
+def test_a_failed_set_leaves_no_uncounted_data_key(redis_url, redis_prefix, monkeypatch):
+    """The reservation is made, then the SET fails (the connection drops before it is sent, or after
+    Redis applied it): the key's data may not stay in Redis uncounted and out of the LRU (it was
+    readable, never evicted, and its bytes missing from the shared budget)."""
+    tier = RedisTier(redis_url, 100 * SIZE, redis_prefix)
+    real_set = tier.client.set
+    for i, landed in enumerate((False, True)):
+        key = _key(i)
+        tier.put(tiny_entry(key, seed=1))
+
+        def failing_set(*args, landed=landed, **kwargs):
+            if landed:
+                real_set(*args, **kwargs)
+            raise redis.exceptions.ConnectionError("injected: connection dropped during SET")
+
+        monkeypatch.setattr(tier.client, "set", failing_set)
+        with pytest.raises(TierUnavailable):
+            tier.put(tiny_entry(key, tokens=8, seed=2))  # a different size than the copy there
+        monkeypatch.undo()
+        _consistent(tier)
+        assert tier.get(key) is None  # the older copy is not served in place of the failed one
