@@ -4,6 +4,7 @@ the store's shadowed Redis keys). Callers decide what an unreadable file means."
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterable
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import msgpack
 
-MAX_FILE_BYTES = 64 << 20  # a million keys; anything larger is not a file we wrote
+# write_keys never writes more (so read_keys never refuses a file we wrote): a million keys of ~1 KiB,
+# the store's shadow cap (64 MiB refused a full set of 62-char keys, and ~330k of the service's 200)
+MAX_FILE_BYTES = 1 << 30
 
 
 def read_keys(path: Path) -> list[str]:
@@ -38,9 +41,28 @@ def write_keys(path: Path, keys: Iterable[str]) -> None:
     if not keys:
         path.unlink(missing_ok=True)
         return
+    data = msgpack.packb(keys)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(
+            errno.EFBIG, f"{len(keys)} keys take {len(data)} bytes, more than a key file holds", str(path)
+        )
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
     try:
-        tmp.write_bytes(msgpack.packb(keys))
+        # durable before it replaces the old file: after a power cut a renamed-but-empty file would stop
+        # the next start, and a lost rename would forget what the file must remember
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -104,6 +104,11 @@ class TieredStore:
         # Queued slow writes per key: a write is done (and skipped if the key was removed meanwhile)
         # in queue order, and the key leaves `_pending` only with its last queued write.
         self._queued: dict[str, int] = {}
+        # The key whose queued write the worker is doing now (taken under `_pending_lock` with its
+        # `wanted` check): remove() waits for it, so the copy that write lands is removed by the walk
+        # itself; undone afterwards, a get in between had promoted it into the top tier for good.
+        self._inflight: str | None = None
+        self._inflight_done = threading.Condition(self._pending_lock)
         # Puts per key bucket: a get that read a lower tier promotes only if no put of a key in the same
         # bucket happened meanwhile (it would copy an old version over the new one). Fixed size: a
         # collision only skips a promotion.
@@ -617,8 +622,15 @@ class TieredStore:
                 j, entry = item
                 with self._pending_lock:
                     wanted = entry.key in self._pending  # not removed since it was queued
+                    if wanted:
+                        self._inflight = entry.key
                 if wanted:
-                    self._write_down(j, entry)
+                    try:
+                        self._write_down(j, entry)
+                    finally:
+                        with self._pending_lock:
+                            self._inflight = None
+                            self._inflight_done.notify_all()
                     with self._pending_lock:
                         removed = entry.key not in self._pending
                     if removed:  # remove() ran while this write was under way: undo it
@@ -667,6 +679,8 @@ class TieredStore:
             try:
                 with self._pending_lock:
                     removed = self._pending.pop(key, None) is not None
+                    # a write of the key under way lands first (the worker never takes tier 0's lock)
+                    self._inflight_done.wait_for(lambda: self._inflight != key)
                 for j in range(len(self.tiers)):
                     removed = self._remove_in(j, key) or removed
             finally:

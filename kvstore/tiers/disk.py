@@ -82,6 +82,9 @@ class DiskTier(Tier):
         found = []
         for sub in self.root.iterdir():
             if not sub.is_dir():
+                if sub.name.startswith(TMP_PREFIX):  # a key file's (keyfile.write_keys), left by a crash
+                    with contextlib.suppress(OSError):
+                        sub.unlink()
                 continue
             for f in os.scandir(sub):
                 if f.name.startswith(TMP_PREFIX):  # left by a crash mid-write

@@ -162,9 +162,11 @@ class RedisTier(Tier):
 
     def remove(self, key: str) -> int:
         with self._io("remove"):
-            freed = self._release(keys=self._index_keys, args=[key])
+            # the data key first, as in _undo_reserve: released first, a DEL that failed left the data
+            # readable but uncounted and out of the LRU (never evicted); this way a failed release
+            # leaves the bytes counted with no data, which the next get of the key releases
             self.client.delete(self._data_key(key))
-            return int(freed)
+            return int(self._release(keys=self._index_keys, args=[key]))
 
     def keys(self) -> list[str]:
         with self._io("keys"):
