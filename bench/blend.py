@@ -294,7 +294,8 @@ def run_item(engine, tok, fusers, disk_dir, item, args, methods, with_disk: bool
             ref_logits, ref_tokens = fused.logits, tokens
             save_ref(ref, fused.logits, tokens)
         else:
-            row.update(fidelity(ref_logits, ref_tokens, fused.logits, tokens))
+            if ref_logits is not None:  # None only with --no-reference
+                row.update(fidelity(ref_logits, ref_tokens, fused.logits, tokens))
             if with_disk:
                 drop_page_cache(disk_dir)
                 row["ttft_disk_s"] = fusers["disk"].fuse(prompt, method, bcfg, acfg).ttft_s
@@ -461,6 +462,12 @@ def parse_args() -> argparse.Namespace:
         help="more JSONL files (other processes' --out): summarized with --out, and their items skipped",
     )
     ap.add_argument("--resume", action="store_true", help="skip items whose methods --out already holds")
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="with --resume: do not re-run full prefill for items whose reference logits were not kept; "
+        "the new methods get gold scores (paired with the stored full prefill output) but no fidelity",
+    )
     ap.add_argument("--report", action="store_true", help="only summarize --out (and --merge) and plot")
     ap.add_argument("--table-methods", default=None, help="methods of the summary (default: --methods)")
     ap.add_argument("--plot", default=str(REPO / "bench" / "out" / "blend.png"))
@@ -524,7 +531,7 @@ def main() -> None:
             have = done.get(item["key"], {}).get("methods", {})
             methods = [m for m in args.methods if m not in have]
             refs = [ref_path(Path(o), item["key"]) for o in [args.out, *args.merge]]
-            if "full_prefill" not in methods and not any(r.exists() for r in refs):
+            if "full_prefill" not in methods and not any(r.exists() for r in refs) and not args.no_reference:
                 # the reference every other method is scored against (its logits were not kept)
                 methods.insert(0, "full_prefill")
             with_disk = items.index(item) % args.disk_every == 0

@@ -93,3 +93,23 @@ def test_paired_gap_and_ratio_to_full_prefill(bench):
     assert out["x_minus_full_se"] == round((2 / 3) ** 0.5 / 2, 4)
     # var(a) = var(b) = 1/3, cov(a, b) = 0, mean(b) = 1/2: sqrt(2/3) / (1/2 * 2)
     assert out["x_ratio_se"] == round((2 / 3) ** 0.5, 3)
+
+
+def test_the_probe_swapped_ape_is_parallel_encoding_at_t_s_one_and_tempers_the_other_part(bench):
+    spec = importlib.util.spec_from_file_location("ape_probe", REPO / "bench" / "blend_ape_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from blend.ape import APEAttention, APEConfig
+    from engine.attention import AttnCall
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 3, 8, generator=g), *torch.randn(2, 1, 2, 12, 8, generator=g))
+    call = AttnCall(0, q, k, v, torch.arange(9, 12), torch.arange(5, 8), 8**-0.5)
+    plain = APEAttention(2, 9, APEConfig(1.0, 1.0))(call)
+    assert torch.allclose(probe.SwappedAPE(2, 9, APEConfig(1.0, 1.0))(call), plain, atol=1e-6)
+    ape, swapped = (
+        APEAttention(2, 9, APEConfig(0.9, 0.9))(call),
+        probe.SwappedAPE(2, 9, APEConfig(0.9, 0.9))(call),
+    )
+    assert (ape - plain).abs().max() > 1e-3 and (swapped - plain).abs().max() > 1e-3
+    assert (ape - swapped).abs().max() > 1e-3
