@@ -13,7 +13,9 @@ item is the same whatever --nq is; 15 passages is about 2K tokens) and MuSiQue (
 passage's KV is computed once (behind the shared prefix) and stored in both tiers, for all methods and
 all items that use it.
 
-Quality: gold-answer F1 / exact match / answer hit (a gold answer appears in the output) and fidelity to
+Quality: gold-answer F1 / exact match / answer hit (a gold answer appears in the output), each of the
+first line of the output (`*_line`: the answer extraction of the NQ-open, CacheBlend and LongBench
+evaluations, see `first_line`) and of the whole 32-token output, and fidelity to
 full prefill (first-token top-1 agreement, KL(full || method) of the first token, token F1 and exact
 match of the 32-token greedy output vs full prefill's). Speed: TTFT (loading + fusing, to the first
 token's logits) with the passages' KV in the host tier, and (every --disk-every items) in the disk tier
@@ -54,7 +56,7 @@ from blend.cacheblend import BlendConfig  # noqa: E402
 from blend.costmodel import CostModel, measure_bandwidth  # noqa: E402
 from blend.fuse import Fuser  # noqa: E402
 from blend.segments import encode_segment  # noqa: E402
-from engine.chat import build_chat  # noqa: E402
+from engine.chat import DEFAULT_SYSTEM, build_chat  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.paths import data_dir  # noqa: E402
 from engine.runner import Engine  # noqa: E402
@@ -140,13 +142,48 @@ def f1(pred: list[str], gold: list[str]) -> float:
     return 2 * p * r / (p + r)
 
 
+def first_line(text: str) -> str:
+    """The answer as the standard evaluations of generated answers read it: the text up to the first
+    newline (Lost in the Middle's evaluate_qa_responses.py, whose nq-open-oracle file this bench uses;
+    CacheBlend's parse_generation; LongBench's eval.py for triviaqa, its open-domain QA)."""
+    return text.lstrip("\n").split("\n")[0].strip()
+
+
 def gold_scores(text: str, answers: list[str]) -> dict[str, float]:
-    pred = normalize(text)
-    return {
-        "gold_f1": max(f1(pred.split(), normalize(a).split()) for a in answers),
-        "gold_em": float(any(pred == normalize(a) for a in answers)),
-        "gold_hit": float(any(normalize(a) and normalize(a) in pred for a in answers)),
-    }
+    """SQuAD-normalized token F1 / exact match / answer contained ("hit": Lost in the Middle's
+    best_subspan_em) against the best gold answer, of the whole output and (`*_line`) of its first line."""
+    out = {}
+    for suffix, part in (("", text), ("_line", first_line(text))):
+        pred = normalize(part)
+        out[f"gold_f1{suffix}"] = max(f1(pred.split(), normalize(a).split()) for a in answers)
+        out[f"gold_em{suffix}"] = float(any(pred == normalize(a) for a in answers))
+        out[f"gold_hit{suffix}"] = float(any(normalize(a) and normalize(a) in pred for a in answers))
+    return out
+
+
+def gold_answers(keys: list[str]) -> dict[str, list[str]]:
+    """Gold answers of bench item keys ("nq-<row>", "musique-<row>"), read from the data files."""
+    out: dict[str, list[str]] = {}
+    if any(k.startswith("nq-") for k in keys):
+        with gzip.open(data_dir() / "rag" / "nq-open-oracle.jsonl.gz", "rt") as f:
+            nq = [json.loads(line)["answers"] for line in f]
+    if any(k.startswith("musique-") for k in keys):
+        mu = [r["answers"] for r in json.loads((data_dir() / "rag" / "musique_s.json").read_text())]
+    for key in keys:
+        dataset, _, row = key.rpartition("-")
+        if dataset not in ("nq", "musique") or not row.isdigit():
+            raise ValueError(f"not a bench item key: {key!r}")
+        out[key] = (nq if dataset == "nq" else mu)[int(row)]
+    return out
+
+
+def rescore(results: list[dict]) -> None:
+    """Recompute every row's gold scores from its stored text, so lines written by an older scorer
+    (no first-line columns) are summarized with the current one."""
+    answers = gold_answers([r["key"] for r in results])
+    for r in results:
+        for row in r["methods"].values():
+            row.update(gold_scores(row["text"], answers[r["key"]]))
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -230,7 +267,7 @@ def put_passages(engine, fusers, prompt) -> int:
 
 
 def run_item(engine, tok, fusers, disk_dir, item, args, methods, with_disk: bool) -> dict:
-    prompt = build_chat(tok, item["question"], item["passages"])
+    prompt = build_chat(tok, item["question"], item["passages"], system=args.system)
     t0 = time.perf_counter()
     computed = put_passages(engine, fusers, prompt)
     stop = engine.stop_ids()
@@ -257,7 +294,8 @@ def run_item(engine, tok, fusers, disk_dir, item, args, methods, with_disk: bool
             ref_logits, ref_tokens = fused.logits, tokens
             save_ref(ref, fused.logits, tokens)
         else:
-            row.update(fidelity(ref_logits, ref_tokens, fused.logits, tokens))
+            if ref_logits is not None:  # None only with --no-reference
+                row.update(fidelity(ref_logits, ref_tokens, fused.logits, tokens))
             if with_disk:
                 drop_page_cache(disk_dir)
                 row["ttft_disk_s"] = fusers["disk"].fuse(prompt, method, bcfg, acfg).ttft_s
@@ -285,13 +323,34 @@ def summarize(results: list[dict], methods: list[str]) -> dict:
         s["items_ge2k"] = len(long)
         if "ttft_disk_s" in s:
             s["speedup_disk_median"] = _median(_ratios(results, name, "ttft_disk_s"))
-        # paired on the same items: the gold-F1 gap to full prefill and its standard error
-        diffs = [r["methods"][name]["gold_f1"] - r["methods"]["full_prefill"]["gold_f1"] for r in results]
-        s["gold_f1_minus_full"] = round(statistics.mean(diffs), 4)
-        s["gold_f1_minus_full_se"] = (
-            round(statistics.stdev(diffs) / len(diffs) ** 0.5, 4) if len(diffs) > 1 else None
-        )
+        for key in PAIRED:
+            s.update(paired(results, name, key))
     return summary
+
+
+# gold measures compared item by item with full prefill: whole output (as before) and first line
+PAIRED = ("gold_f1", "gold_f1_line", "gold_hit_line")
+
+
+def paired(results: list[dict], name: str, key: str) -> dict[str, float | None]:
+    """The method's gap to full prefill on the same items and its standard error, and its ratio to full
+    prefill's mean with a delta-method standard error (the items' paired covariance included)."""
+    a = [r["methods"][name][key] for r in results]
+    b = [r["methods"]["full_prefill"][key] for r in results]
+    n, diffs = len(a), [x - y for x, y in zip(a, b, strict=True)]
+    out: dict[str, float | None] = {f"{key}_minus_full": round(statistics.mean(diffs), 4)}
+    out[f"{key}_minus_full_se"] = round(statistics.stdev(diffs) / n**0.5, 4) if n > 1 else None
+    mb = statistics.mean(b)
+    ratio = statistics.mean(a) / mb if mb else None
+    out[f"{key}_ratio"] = round(ratio, 3) if ratio is not None else None
+    if ratio is not None and n > 1:
+        var = (
+            statistics.variance(a)
+            + ratio**2 * statistics.variance(b)
+            - 2 * ratio * statistics.covariance(a, b)
+        )
+        out[f"{key}_ratio_se"] = round(max(var, 0.0) ** 0.5 / (mb * n**0.5), 3)
+    return out
 
 
 def _median(values: list[float]) -> float | None:
@@ -325,8 +384,15 @@ def plot(summary: dict, path: Path, title: str) -> None:
     )
     a.set_ylabel("TTFT (s)")
     a.set_title("time to first token")
-    b.bar([i - 0.3 for i in x], [summary[n]["gold_f1"] for n in names], 0.2, label="gold F1")
-    b.bar([i - 0.1 for i in x], [summary[n]["gold_hit"] for n in names], 0.2, label="gold answer in output")
+    b.bar(
+        [i - 0.3 for i in x], [summary[n]["gold_f1_line"] for n in names], 0.2, label="gold F1 (first line)"
+    )
+    b.bar(
+        [i - 0.1 for i in x],
+        [summary[n]["gold_hit_line"] for n in names],
+        0.2,
+        label="gold answer in first line",
+    )
     b.bar([i + 0.1 for i in x], [summary[n].get("out_f1", 1.0) for n in names], 0.2, label="token F1 vs full")
     b.bar([i + 0.3 for i in x], [summary[n].get("top1", 1.0) for n in names], 0.2, label="top-1 agreement")
     b.set_title("quality")
@@ -396,10 +462,22 @@ def parse_args() -> argparse.Namespace:
         help="more JSONL files (other processes' --out): summarized with --out, and their items skipped",
     )
     ap.add_argument("--resume", action="store_true", help="skip items whose methods --out already holds")
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="with --resume: do not re-run full prefill for items whose reference logits were not kept; "
+        "the new methods get gold scores (paired with the stored full prefill output) but no fidelity",
+    )
     ap.add_argument("--report", action="store_true", help="only summarize --out (and --merge) and plot")
     ap.add_argument("--table-methods", default=None, help="methods of the summary (default: --methods)")
     ap.add_argument("--plot", default=str(REPO / "bench" / "out" / "blend.png"))
     ap.add_argument("--note", default="", help="what the machine was doing (goes into the JSON)")
+    ap.add_argument(
+        "--system",
+        default=DEFAULT_SYSTEM,
+        help="the system turn (the shared prefix every passage is encoded behind); the default asks for "
+        "brevity, CacheBlend's and LongBench's evaluation prompts ask for the bare answer",
+    )
     args = ap.parse_args()
     if args.quick:
         args.nq, args.nq_passages, args.musique = 3, 8, 1
@@ -451,7 +529,7 @@ def main() -> None:
             "disk": TieredStore(StoreConfig(host_bytes=0, disk_path=str(disk_dir), disk_bytes=64 << 30)),
         }
         fusers = {t: Fuser(engine, KVConnector(s, namespace)) for t, s in stores.items()}
-        warm = build_chat(tok, "warm up?", ["A short passage to warm up the kernels."])
+        warm = build_chat(tok, "warm up?", ["A short passage to warm up the kernels."], system=args.system)
         for m in ("full_prefill", "cacheblend", "ape"):
             fusers["host"].fuse(warm, m)
         t_start, tokens = time.perf_counter(), 0
@@ -459,7 +537,7 @@ def main() -> None:
             have = done.get(item["key"], {}).get("methods", {})
             methods = [m for m in args.methods if m not in have]
             refs = [ref_path(Path(o), item["key"]) for o in [args.out, *args.merge]]
-            if "full_prefill" not in methods and not any(r.exists() for r in refs):
+            if "full_prefill" not in methods and not any(r.exists() for r in refs) and not args.no_reference:
                 # the reference every other method is scored against (its logits were not kept)
                 methods.insert(0, "full_prefill")
             with_disk = items.index(item) % args.disk_every == 0
@@ -489,6 +567,7 @@ def report(args, costs: dict, seconds: float, model: str = "HuggingFaceTB/SmolLM
     complete = [r for r in merged.values() if set(methods) <= set(r["methods"])]
     if not complete:
         raise SystemExit(f"no item in {out} has all of {methods}")
+    rescore(complete)
     by_dataset = {
         d: summarize([r for r in complete if r["dataset"] == d], methods)
         for d in sorted({r["dataset"] for r in complete})
@@ -498,6 +577,7 @@ def report(args, costs: dict, seconds: float, model: str = "HuggingFaceTB/SmolLM
         "model": model,
         "threads": args.threads,
         "note": args.note,
+        "system": args.system,
         "items": {d: sum(r["dataset"] == d for r in complete) for d in by_dataset},
         "items_requested": {"nq": args.nq, "musique": args.musique},
         "items_with_any_result": len(merged),

@@ -24,9 +24,9 @@ MERGES = ("scaled", "shifted")
 class APEConfig:
     """temperature T and scale S (APE's README: 0.9 / 0.9; T = S = 1 is plain parallel encoding).
 
-    merge: how S enters the contexts' log-weight. "scaled": `S * T * LSE_C` (the spec; APE's Gemma code);
-    "shifted": `T * LSE_C + log S` (APE's Llama code: the contexts' mass times S). Both are plain
-    parallel encoding at T = S = 1.
+    merge: how S enters the contexts' log-weight. "scaled": `S * T * LSE_C` (the spec; APE's
+    ape_llama.py); "shifted": `T * LSE_C + log S` (the contexts' mass times S: a reworked
+    src/ape_llama.py in a fork of APE's code). Both are plain parallel encoding at T = S = 1.
     """
 
     temperature: float = 0.9
