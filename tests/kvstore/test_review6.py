@@ -57,7 +57,11 @@ def _until(done: Callable[[], bool], what: str) -> None:
 def _waiting_on_a_condition(thread: threading.Thread) -> bool:
     """Whether `thread` is blocked in threading.Condition.wait (its innermost Python frame)."""
     frame = sys._current_frames().get(thread.ident or -1)
-    return frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__
+    return (
+        frame is not None
+        and frame.f_code.co_name == "wait"
+        and frame.f_code.co_filename == threading.__file__
+    )
 
 
 def _consistent(tier: RedisTier) -> None:
