@@ -720,13 +720,36 @@ class TieredStore:
         return list(seen)
 
     def clear(self) -> None:
-        """Forget everything (pins too)."""
+        """Forget everything (pins too). TierUnavailable, naming the tier, if a networked tier is down
+        or fails: then nothing else is cleared.
+
+        Why refuse rather than clear the rest: a Redis that was skipped keeps its copies, and with the
+        shadows emptied they were served again once it answered (a cleared key came back); it cannot
+        be listed while down, so its keys cannot be shadowed instead. The networked tiers go first, so
+        a failure leaves the local tiers' (newer or equal) copies above whatever Redis still holds, and
+        the shadows that hide its older ones; the caller sees the error and may retry."""
         self.flush()
+        for j, tier in enumerate(self.tiers):
+            if tier.networked:
+                with self._locks[j]:
+                    self._clear_networked(tier)
         self._pinned.clear()
         self._shadowed.clear()
         for j, tier in enumerate(self.tiers):
-            with self._locks[j]:
-                self._call(tier, tier.clear, default=None)
+            if not tier.networked:
+                with self._locks[j]:
+                    tier.clear()
+
+    def _clear_networked(self, tier: Tier) -> None:
+        down = self._down.get(tier.name)
+        if not self._usable(tier):
+            raise TierUnavailable(f"clear: tier {tier.name} is down ({down and down[1]}); nothing cleared")
+        try:
+            tier.clear()
+        except TierUnavailable as e:
+            self._fault(tier, e)
+            raise TierUnavailable(f"clear: tier {tier.name} failed ({e}); local tiers not cleared") from e
+        self._down.pop(tier.name, None)
 
     def close(self) -> None:
         """Refuse later puts and wait for those under way, persist memory-only entries, finish queued
