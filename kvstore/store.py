@@ -446,7 +446,8 @@ class TieredStore:
             tier = self.tiers[j]
             with self._locks[j]:
                 if tier.networked:
-                    self._call(tier, tier.remove, key, default=0)
+                    if self._call(tier, tier.remove, key, default=None) is not None:
+                        self._shadowed.discard(key)  # nothing left there to hide (as _forget_shadowed)
                 else:
                     self._remove_local(tier, key)
         return True
@@ -543,6 +544,8 @@ class TieredStore:
                 self._count(tier, "dropped")
                 self._note_dropped(key, j + 1)
         tier.remove(key)
+        if tier.networked:  # removed there: no older copy left to hide (shadows must drain, not pile up)
+            self._shadowed.discard(key)
 
     def _same_below(self, k: int, entry: Entry) -> bool:
         """Whether tier k holds exactly `entry`'s bytes (same checksum; tiers that keep no checksums

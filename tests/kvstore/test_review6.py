@@ -318,3 +318,30 @@ def test_clear_whose_redis_call_fails_clears_no_local_tier(redis_url, redis_pref
     assert store.tiers[0].contains(_key(1)) and not store.health()["tiers"]["redis"]["ok"]
     redis_tier.down = False
     store.close()
+
+
+# ---- 2. a shadow goes once the store itself removed the key from Redis ---------------------------------
+
+
+def test_an_eviction_from_redis_drops_the_shadow_of_the_key_it_removed(redis_url, redis_prefix):
+    """Shadows only went when their key was read or written again: evicted from Redis, a shadowed key
+    stayed shadowed for good (saved across restarts), until the cap was reached and a later outage's
+    shadow was lost (a stale read)."""
+    size = encoded_nbytes(tiny_entry(_key(0)))
+    redis_tier = _DownRedis(redis_url, 2 * size + 10, redis_prefix)  # room for two entries
+    store = TieredStore(
+        StoreConfig(lease_wait_s=0.01, redis_retry_s=0.01), tiers=[HostTier(ENTRY_BYTES), redis_tier]
+    )
+    k = _key(1)
+    redis_tier.put(tiny_entry(k, seed=1))  # as another engine left it
+    redis_tier.down = True
+    store.remove(k)  # Redis down: its copy stays, shadowed
+    redis_tier.down = False
+    assert store.health()["ok"]  # answers again
+    assert store.stats()["shadowed"] == 1 and redis_tier.contains(k)
+    for i in range(3):
+        store.put(tiny_entry(_key(10 + i)))  # two write-downs fill Redis: k, the LRU, is evicted
+    store.flush()
+    assert not redis_tier.contains(k)
+    assert store.stats()["shadowed"] == 0
+    store.close()
