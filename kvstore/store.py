@@ -446,7 +446,8 @@ class TieredStore:
             tier = self.tiers[j]
             with self._locks[j]:
                 if tier.networked:
-                    self._call(tier, tier.remove, key, default=0)
+                    if self._call(tier, tier.remove, key, default=None) is not None:
+                        self._shadowed.discard(key)  # nothing left there to hide (as _forget_shadowed)
                 else:
                     self._remove_local(tier, key)
         return True
@@ -543,6 +544,8 @@ class TieredStore:
                 self._count(tier, "dropped")
                 self._note_dropped(key, j + 1)
         tier.remove(key)
+        if tier.networked:  # removed there: no older copy left to hide (shadows must drain, not pile up)
+            self._shadowed.discard(key)
 
     def _same_below(self, k: int, entry: Entry) -> bool:
         """Whether tier k holds exactly `entry`'s bytes (same checksum; tiers that keep no checksums
@@ -720,29 +723,45 @@ class TieredStore:
         return list(seen)
 
     def clear(self) -> None:
-        """Forget everything (pins too). TierUnavailable if a networked tier could not be cleared (it
-        keeps its entries, and the keys shadowed there stay shadowed)."""
+        """Forget everything (pins too). TierUnavailable, naming the tier, if a networked tier is down
+        or its clear fails: then no local tier is cleared and the shadows stay.
+
+        Why refuse rather than clear the rest: a Redis that was skipped keeps its copies, and with the
+        shadows emptied they were served again once it answered (a cleared key came back); it cannot
+        be listed while down, so its keys cannot be shadowed instead. The networked tiers go first, so
+        a failure leaves the local tiers' (newer or equal) copies above whatever Redis still holds, and
+        the shadows that hide its older ones; the caller sees the error and may retry."""
         self.flush()
-        self._pinned.clear()
-        failed: list[str] = []
+        for tier in self.tiers:
+            if tier.networked and not self._usable(tier):
+                down = self._down.get(tier.name)
+                raise TierUnavailable(
+                    f"clear: tier {tier.name} is down ({down and down[1]}); nothing cleared"
+                )
+        # networked tiers first, then the local ones top-down
+        order = [j for j, t in enumerate(self.tiers) if t.networked]
+        order += [j for j, t in enumerate(self.tiers) if not t.networked]
         # like remove() for every key at once: under tier 0's lock, no get serves a lower copy while
-        # the tiers are cleared top-down (what is left below may be older), nor promotes one after
+        # the tiers are cleared (what is left below may be older), nor promotes one after
         with self._locks[0]:
             self._bump_all(self._remove_stamps)  # odd: a removal under way in every bucket
             try:
-                with self._pending_lock:
-                    self._pending.clear()
-                for j, tier in enumerate(self.tiers):
+                for j in order:
+                    tier = self.tiers[j]
+                    if not tier.networked:  # the networked ones are cleared: drop queued writes
+                        with self._pending_lock:
+                            self._pending.clear()
                     with self._locks[j]:
                         if not self._clear_tier(tier):
-                            failed.append(tier.name)
+                            raise TierUnavailable(
+                                f"clear: tier {tier.name} failed; "
+                                + ("no local tier cleared" if tier.networked else "entries may stay there")
+                            )
             finally:
                 self._bump_all(self._remove_stamps)
                 self._bump_all(self._put_stamps)
-        if not any(t.networked and t.name in failed for t in self.tiers):
-            self._shadowed.clear()  # nothing left there to hide
-        if failed:
-            raise TierUnavailable(f"clear: tiers {failed} failed; entries may stay there")
+        self._pinned.clear()
+        self._shadowed.clear()  # nothing left there to hide
 
     def _clear_tier(self, tier: Tier) -> bool:
         """tier.clear (a local tier also while marked down); False if it failed (a fault)."""

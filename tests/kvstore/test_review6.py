@@ -57,7 +57,11 @@ def _until(done: Callable[[], bool], what: str) -> None:
 def _waiting_on_a_condition(thread: threading.Thread) -> bool:
     """Whether `thread` is blocked in threading.Condition.wait (its innermost Python frame)."""
     frame = sys._current_frames().get(thread.ident or -1)
-    return frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__
+    return (
+        frame is not None
+        and frame.f_code.co_name == "wait"
+        and frame.f_code.co_filename == threading.__file__
+    )
 
 
 def _consistent(tier: RedisTier) -> None:
@@ -260,3 +264,84 @@ def test_a_key_file_temp_left_by_a_crash_is_deleted_at_start(tmp_path):
     keep.write_text("x")
     DiskTier(root, _disk_entries(4), read_pool_bytes=1 << 20).close()
     assert not crashed.exists() and keep.exists()
+
+
+# ---- 6. clear() with Redis down never lets a cleared key come back -------------------------------------
+
+
+class _DownRedis(RedisTier):
+    """The real Redis tier; while `down`, every call fails as a dropped connection would."""
+
+    down = False
+
+    def _io(self, what: str):
+        if self.down:
+            raise TierUnavailable(f"injected: Redis at {self.url} down during {what}")
+        return super()._io(what)
+
+
+def test_clear_with_redis_down_refuses_and_a_cleared_key_never_comes_back(redis_url, redis_prefix):
+    """clear() emptied the shadows, then skipped Redis (down): once Redis answered, the cleared key was
+    served from it again."""
+    redis_tier = _DownRedis(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(
+        StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier]
+    )
+    k, top = _key(1), _key(2)
+    store.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(top))
+    store.flush()  # k in Redis, top in the host tier
+    redis_tier.down = True
+    assert store.get(_key(3)) is None  # Redis fails once: marked down
+    with pytest.raises(TierUnavailable, match="redis"):
+        store.clear()
+    assert store.tiers[0].contains(top)  # nothing cleared
+    redis_tier.down = False
+    with pytest.raises(TierUnavailable, match="redis"):
+        store.clear()  # still marked down: refused again, not skipped
+    store._down.clear()  # the retry time passed (not waited for: DOWN_S)
+    store.clear()
+    assert store.get(k) is None and store.get(top) is None and store.lookup([k]) == 0
+    assert not redis_tier.contains(k) and redis_tier.keys() == []
+    store.close()
+
+
+def test_clear_whose_redis_call_fails_clears_no_local_tier(redis_url, redis_prefix):
+    redis_tier = _DownRedis(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(
+        StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier]
+    )
+    store.put(tiny_entry(_key(1)))
+    redis_tier.down = True  # not yet marked down: the clear itself fails
+    with pytest.raises(TierUnavailable, match="redis"):
+        store.clear()
+    assert store.tiers[0].contains(_key(1)) and not store.health()["tiers"]["redis"]["ok"]
+    redis_tier.down = False
+    store.close()
+
+
+# ---- 2. a shadow goes once the store itself removed the key from Redis ---------------------------------
+
+
+def test_an_eviction_from_redis_drops_the_shadow_of_the_key_it_removed(redis_url, redis_prefix):
+    """Shadows only went when their key was read or written again: evicted from Redis, a shadowed key
+    stayed shadowed for good (saved across restarts), until the cap was reached and a later outage's
+    shadow was lost (a stale read)."""
+    size = encoded_nbytes(tiny_entry(_key(0)))
+    redis_tier = _DownRedis(redis_url, 2 * size + 10, redis_prefix)  # room for two entries
+    store = TieredStore(
+        StoreConfig(lease_wait_s=0.01, redis_retry_s=0.01), tiers=[HostTier(ENTRY_BYTES), redis_tier]
+    )
+    k = _key(1)
+    redis_tier.put(tiny_entry(k, seed=1))  # as another engine left it
+    redis_tier.down = True
+    store.remove(k)  # Redis down: its copy stays, shadowed
+    redis_tier.down = False
+    assert store.health()["ok"]  # answers again
+    assert store.stats()["shadowed"] == 1 and redis_tier.contains(k)
+    for i in range(3):
+        store.put(tiny_entry(_key(10 + i)))  # two write-downs fill Redis: k, the LRU, is evicted
+    store.flush()
+    assert not redis_tier.contains(k)
+    assert store.stats()["shadowed"] == 0
+    store.close()
