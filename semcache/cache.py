@@ -96,8 +96,8 @@ class SemanticCache:
         return LocalStore(folder / "documents" if folder else None)
 
     def _make_verifier(self) -> Verifier | None:
-        """Only with the stage on: its cross-encoder costs a forward pass per candidate, too much to run
-        just for the false-hit estimates (which are therefore only kept while verifying)."""
+        """Only with the stage on (switched off, nothing is loaded; the false-hit estimates, which need
+        its P(same), are then not kept)."""
         if not self.config.verify:
             return None
         verifier = Verifier.shared(self.config.verifier_path or DEFAULT_WEIGHTS)
@@ -319,6 +319,7 @@ class SemanticCache:
         result: LookupResult,
     ) -> None:
         now = time.time()
+        live: list[tuple[Entry, float]] = []
         for entry_id, sim in passing:
             doc = docs.get(entry_id)
             if doc is not None and doc.scope != scope:
@@ -331,18 +332,27 @@ class SemanticCache:
                 self._remove(scope, [entry_id], "expired")
                 result.reason = "candidate expired"
                 continue
-            if self.verifier is not None:
-                tv = time.perf_counter()
-                result.p_same = self.verifier.p_same(question, doc.question, vec, doc.vector)
-                result.timings_ms["verify"] = (
-                    result.timings_ms.get("verify", 0.0) + (time.perf_counter() - tv) * 1e3
-                )
-                if result.p_same < self.verifier.cut:
-                    self.metrics.count(scope.category, "rejected_by_verifier")
-                    result.reason = "refused by the verifier"
-                    continue
-            self._serve(scope, doc, sim, result)
+            live.append((doc, sim))
+        if not live:
             return
+        if self.verifier is None:
+            self._serve(scope, *live[0], result)
+            return
+        # All live candidates in one batch: features from their texts and the stored embeddings (the
+        # document carries its question's vector), no model pass; the most similar that passes wins.
+        tv = time.perf_counter()
+        p = self.verifier.p_same_many(
+            [question] * len(live), [d.question for d, _ in live], np.stack([vec] * len(live)),
+            np.stack([d.vector for d, _ in live]),
+        )  # fmt: skip
+        result.timings_ms["verify"] = (time.perf_counter() - tv) * 1e3
+        for (doc, sim), p_same in zip(live, p, strict=True):
+            result.p_same = float(p_same)
+            if p_same >= self.verifier.cut:
+                self._serve(scope, doc, sim, result)
+                return
+            self.metrics.count(scope.category, "rejected_by_verifier")
+            result.reason = "refused by the verifier"
 
     def _serve(self, scope: Scope, doc: Entry, sim: float, result: LookupResult) -> None:
         self.ledger.touch(scope, doc.id)

@@ -58,37 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="where to write the weights (default: the package's verifier.safetensors)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training pairs")
     p.add_argument(
-        "--epochs",
-        type=int,
-        default=1,
-        help="cross-encoder epochs; the best on validation is kept (6 min each on 1 thread, --both-orders)",
-    )
-    p.add_argument(
-        "--frozen-layers",
-        type=int,
-        default=3,
-        help="lower embedder layers used as shipped; the ones above are fine-tuned and saved (3)",
-    )
-    p.add_argument(
         "--train-floor",
         type=float,
         default=0.70,
-        help="the cross-encoder learns from fit pairs with cosine >= this (0.70)",
+        help="the networks learn from training pairs with cosine >= this (0.70)",
     )
-    p.add_argument(
-        "--both-orders",
-        action="store_true",
-        help="also train each pair with its questions swapped (twice the pairs per epoch)",
-    )
-    p.add_argument(
-        "--checkpoints",
-        help="folder for every epoch's weights (default: $KVFUSE_HOME/semcache-verifier-checkpoints)",
-    )
+    p.add_argument("--seeds", type=int, default=3, help="networks averaged, one per seed (3)")
     p.add_argument(
         "--target-precision",
         type=float,
         default=None,
-        help="choose the cut for this precision on a calibration split (default: cut 0.5)",
+        help="choose the cut for this precision on the out-of-fold validation (default: cut 0.5)",
     )
     for p in sub.choices.values():
         _add_target(p)
@@ -105,11 +85,8 @@ def run(args: argparse.Namespace) -> int:
                 args.out,
                 args.limit,
                 args.target_precision,
-                args.epochs,
-                args.checkpoints,
-                args.both_orders,
-                args.frozen_layers,
                 args.train_floor,
+                args.seeds,
             )
         )
         return 0

@@ -6,25 +6,19 @@ question texts and whose edges are pairs; a component goes whole to one side, by
 smallest question. No question text therefore appears on both sides. The split is computed over the
 whole file, so a subset (the benchmark's --quick) is still disjoint from what the shipped weights saw.
 
-Within the training side, components go 80/20 to a fit part and a calibration part the same way:
-the cross-encoder is fine-tuned on the fit part, and the small stacking network over its logit and
-the lexical features on the calibration part. Only pairs whose cosine reaches the floor are used: the
-verifier never sees the others in the cache.
-
-The calibration part is also the validation set, so the held-out half is never used to choose
-anything: after each epoch the stacker is refitted in 5 folds (by component) over the calibration
-pairs, and its out-of-fold P(same) gives the precision at recall >= 0.40 (recall counted over every
-label-1 calibration pair, also those below the floor, as on the held-out side). The best epoch is
-kept, and its out-of-fold predictions choose the operating cut (`validation` in the weights' metadata).
+The held-out half is never used to choose anything. On the training half, components go to 5 folds
+(another byte of the same hash); each fold is predicted by networks fitted on the other four (and an
+IDF table counted on their questions only), so the out-of-fold P(same) of every training pair gives
+the validation: precision at recall >= 0.40 (recall over every label-1 pair, also those below the
+cosine floor, as on the held-out side), its spread over the folds, and the operating cut. The shipped
+networks are then fitted on the whole training half.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +26,8 @@ import numpy as np
 from engine.paths import data_dir, kvfuse_home
 from semcache.embed import Embedder
 
-TRAIN_FLOOR = 0.70  # the cross-encoder learns from a little below the lowest category threshold (0.80)
-STACK_FLOOR = 0.80  # the stacker and the cut only from pairs the cache would verify
+TRAIN_FLOOR = 0.70  # the networks learn from a little below the lowest category threshold (0.80)
+VERIFY_FLOOR = 0.80  # validation and the cut only on pairs the cache would verify
 MIN_RECALL = 0.40  # the issue's target is precision at recall >= 0.40
 # The operating cut is chosen for a little more recall than the target on validation, so that the
 # held-out recall (a sample of its own) stays at or above the target.
@@ -157,201 +151,120 @@ def cut_for_recall(prob: np.ndarray, y: np.ndarray, positives: int, recall_targe
     return float(cut[ok.min()])
 
 
+def fold_of(pairs: list[dict], folds: int = VALIDATION_FOLDS) -> np.ndarray:
+    """Validation fold of each pair, whole components per fold (byte 3: independent of the splits)."""
+    return np.array([_byte(k, 3) % folds for k in component_keys(pairs)])
+
+
+def _fit_nets(X: np.ndarray, y: np.ndarray, params, seeds: tuple[int, ...]) -> list:
+    from semcache.mlp import fit_mlp
+
+    return [fit_mlp(X, y, params, seed) for seed in seeds]
+
+
+def _features(pairs: list[dict], vec_of: dict[str, np.ndarray], rows: np.ndarray, idf) -> np.ndarray:
+    from semcache.pair_features import features_many
+
+    q, c, U, V, _ = columns([pairs[i] for i in rows], vec_of)
+    return features_many(q, c, np.einsum("ij,ij->i", U, V), idf)
+
+
+def _texts(pairs: list[dict], rows: np.ndarray) -> list[str]:
+    return [t for i in rows for t in (pairs[i]["text_a"], pairs[i]["text_b"])]
+
+
 def validate(
-    encoder, calib: list[dict], vec_of: dict[str, np.ndarray], folds: int = VALIDATION_FOLDS
-) -> dict:
-    """Out-of-fold P(same) on the calibration pairs above the floor, and precision at MIN_RECALL.
-
-    The stacker is refitted on 4/5 of the components and predicts the other 1/5, so no prediction
-    comes from a stacker that saw the pair (or any pair sharing a question with it).
-    """
-    from semcache.verify import Verifier, opposite_words, same_words, stack_features
-
-    cos_all = cosines(calib, vec_of)
-    positives = int(sum(int(p["label"]) for p in calib))
-    above = np.nonzero(cos_all >= STACK_FLOOR)[0]
-    pairs = [calib[i] for i in above]
-    q, c, _, _, y = columns(pairs, vec_of)
-    X = stack_features(q, c, cos_all[above], encoder.logits(c, q))
-    keys = component_keys(calib)  # over all calibration pairs: a component links also through low pairs
-    fold = np.array([_byte(keys[i], 2) % folds for i in above])
-    oof = np.zeros(len(pairs), np.float64)
-    for f in range(folds):
-        part = fold == f
-        oof[part] = Verifier.fit_stacker_on(encoder, X[~part], y[~part]).probability(X[part])
-    oof[np.array([opposite_words(a, b) for a, b in zip(q, c, strict=True)], dtype=bool)] = 0.0
-    oof[np.array([same_words(a, b) for a, b in zip(q, c, strict=True)], dtype=bool)] = 1.0  # as p_same_many
-    return {
-        "X": X,
-        "y": y,
-        "oof": oof,
-        "positives": positives,
-        "pairs": len(pairs),
-        "verifier": precision_at_recall(oof, y, positives, MIN_RECALL),
-        "cross_logit": precision_at_recall(X[:, -1], y, positives, MIN_RECALL),
-        "cosine": precision_at_recall(X[:, 0], y, positives, MIN_RECALL),
-    }
-
-
-def train_pair_encoder(
-    encoder,
-    cached: list[str],
-    queries: list[str],
-    labels: np.ndarray,
-    epochs: int = 1,
-    batch_size: int = 32,
-    lr: float = 5e-5,
-    seed: int = 0,
+    train: list[dict],
+    vec_of: dict[str, np.ndarray],
+    params=None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    train_floor: float = TRAIN_FLOOR,
+    folds: int = VALIDATION_FOLDS,
     log=print,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> None:
-    """Fine-tune the encoder's upper layers and head (AdamW, linear warm-up and decay).
+) -> dict:
+    """Out-of-fold P(same) on the training pairs above VERIFY_FLOOR; precision at MIN_RECALL pooled
+    and per fold. No prediction comes from networks (or an IDF table) that saw the pair's component."""
+    from semcache.pair_features import IdfTable
+    from semcache.verify import Verifier, apply_rules
 
-    The frozen lower layers run once per pair; their output is kept (float16) and reused every epoch,
-    which more than halves the cost of an epoch on the CPU. `on_epoch(epoch, loss)` runs after each
-    epoch with the encoder in eval mode (validation, checkpoints).
-    """
-    import torch
-
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    n = len(cached)
-    by_len = sorted(range(n), key=lambda i: len(cached[i]) + len(queries[i]))
-    states: list = [None] * n
-    t0 = time.perf_counter()
-    for s in range(0, n, 64):
-        rows = by_len[s : s + 64]
-        enc = encoder.tokenize([cached[i] for i in rows], [queries[i] for i in rows])
-        hidden = encoder.lower(enc)
-        for j, i in enumerate(rows):
-            states[i] = hidden[j, : int(enc["attention_mask"][j].sum())].to(torch.float16)
-    log(f"lower layers over {n} pairs: {time.perf_counter() - t0:.0f} s")
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(encoder.top.parameters()), "lr": lr},
-            {"params": list(encoder.head.parameters()), "lr": 20 * lr},
-        ],
-        weight_decay=0.01,
-    )
-    steps = epochs * math.ceil(n / batch_size)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min((k + 1) / warm, max(0.0, (steps - k) / max(steps - warm, 1)))
-    )
-    y = torch.from_numpy(np.asarray(labels, np.float32))
-    encoder.train()
-    try:
-        for epoch in range(epochs):
-            t0, total = time.perf_counter(), 0.0
-            # batches of similar length (little padding), in random order, different each epoch
-            jitter = np.array([len(cached[i]) + len(queries[i]) for i in range(n)]) + rng.uniform(0, 12, n)
-            order = np.argsort(jitter)
-            batches = [order[s : s + batch_size].tolist() for s in range(0, n, batch_size)]
-            rng.shuffle(batches)
-            for b, rows in enumerate(batches):
-                lens = [len(states[i]) for i in rows]
-                hidden = torch.zeros(len(rows), max(lens), states[rows[0]].shape[-1])
-                mask = torch.zeros(len(rows), max(lens), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    hidden[j, : lens[j]] = states[i].float()
-                    mask[j, : lens[j]] = 1
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    encoder.upper(hidden, mask), y[torch.from_numpy(np.asarray(rows))]
-                )
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(rows)
-                if (b + 1) % 50 == 0:  # progress, so a slow epoch on busy cores can be projected
-                    log(f"  batch {b + 1}/{len(batches)}, {time.perf_counter() - t0:.0f} s")
-            log(f"epoch {epoch + 1}/{epochs}: loss {total / n:.4f}, {time.perf_counter() - t0:.0f} s")
-            if on_epoch is not None:
-                encoder.eval()
-                on_epoch(epoch + 1, total / n)
-                encoder.train()
-    finally:
-        encoder.eval()
-
-
-def _finish(encoder, val: dict, record: dict, target_precision: float | None):
-    """The stacker on all calibration pairs; cut 0.5, or chosen on out-of-fold predictions."""
-    from semcache.verify import Verifier
-
-    verifier = Verifier.fit_stacker_on(encoder, val["X"], val["y"])
-    if target_precision is not None:
-        verifier.cut = choose_cut(val["oof"], val["y"], target_precision)
-    operating = round(MIN_RECALL + RECALL_MARGIN, 4)
-    record = {
-        **record,
-        "operating_recall": operating,
-        "operating_cut": cut_for_recall(val["oof"], val["y"], val["positives"], operating),
+    cos = cosines(train, vec_of)
+    y = np.array([int(p["label"]) for p in train])
+    fold = fold_of(train, folds)
+    oof = np.full(len(train), np.nan)
+    per_fold = []
+    for f in range(folds):
+        t0 = time.perf_counter()
+        fit_rows = np.nonzero((fold != f) & (cos >= train_floor))[0]
+        test_rows = np.nonzero((fold == f) & (cos >= VERIFY_FLOOR))[0]
+        idf = IdfTable.from_texts(_texts(train, np.nonzero(fold != f)[0]))
+        nets = _fit_nets(_features(train, vec_of, fit_rows, idf), y[fit_rows], params, seeds)
+        q, c = [train[i]["text_b"] for i in test_rows], [train[i]["text_a"] for i in test_rows]
+        p = Verifier(nets, idf).probability(_features(train, vec_of, test_rows, idf))
+        oof[test_rows] = apply_rules(p, q, c)
+        best = precision_at_recall(oof[test_rows], y[test_rows], int(y[fold == f].sum()), MIN_RECALL)
+        per_fold.append(best["precision"] if best else None)
+        log(f"fold {f + 1}/{folds}: {len(fit_rows)} pairs fitted, {best}, {time.perf_counter() - t0:.0f} s")
+    above = np.nonzero(cos >= VERIFY_FLOOR)[0]
+    positives = int(y.sum())
+    ok = [p for p in per_fold if p is not None]
+    return {
+        "oof": oof[above],
+        "y": y[above],
+        "positives": positives,
+        "pairs": len(above),
+        "verifier": precision_at_recall(oof[above], y[above], positives, MIN_RECALL),
+        "cosine": precision_at_recall(cos[above], y[above], positives, MIN_RECALL),
+        "per_fold_precision": per_fold,
+        "per_fold_mean_std": [float(np.mean(ok)), float(np.std(ok))] if ok else None,
     }
-    return verifier, record
 
 
 def fit_verifier(
     train: list[dict],
     vec_of: dict[str, np.ndarray],
     target_precision: float | None = None,
-    epochs: int = 1,
-    frozen_layers: int = 3,
-    checkpoints: Path | None = None,
-    both_orders: bool = False,
+    params=None,
+    seeds: tuple[int, ...] = (0, 1, 2),
     train_floor: float = TRAIN_FLOOR,
     log=print,
 ):
-    """Cross-encoder on the fit part, the epoch and the stacker on the calibration part.
+    """Validation by folds on the training pairs, then the networks fitted on all of them.
 
-    Returns (verifier, record): the record (per-epoch validation, the epoch kept, the operating cut for
-    recall MIN_RECALL + RECALL_MARGIN on validation) is stored in the weights' metadata. With
-    `checkpoints`, every epoch's verifier is written there too, so a stopped run keeps its best epoch.
-    `both_orders` also trains each pair with its two questions swapped (same meaning either way round;
-    twice the pairs per epoch).
+    Returns (verifier, record); the record (validation, the operating cut for recall MIN_RECALL +
+    RECALL_MARGIN on the out-of-fold predictions) goes into the weights' metadata.
     """
-    from semcache.cross_encoder import PairEncoder
+    from dataclasses import asdict
 
-    fit_side, calib = split_train(train)
-    if not 0.0 <= train_floor <= STACK_FLOOR:
-        raise ValueError(f"train_floor must be in [0, {STACK_FLOOR}], got {train_floor}")
-    fit_side = [p for p, c in zip(fit_side, cosines(fit_side, vec_of), strict=True) if c >= train_floor]
-    encoder = PairEncoder(frozen_layers)
-    q, c, _, _, y = columns(fit_side, vec_of)
-    log(f"cross-encoder: {len(fit_side)} pairs (cosine >= {train_floor}), {int(y.sum())} label 1")
-    if both_orders:
-        c, q, y = c + q, q + c, np.concatenate([y, y])
-    record: dict = {
-        "fit_pairs": len(fit_side),
-        "both_orders": both_orders,
+    from semcache.mlp import MlpParams
+    from semcache.pair_features import IdfTable
+    from semcache.verify import Verifier
+
+    if not 0.0 <= train_floor <= VERIFY_FLOOR:
+        raise ValueError(f"train_floor must be in [0, {VERIFY_FLOOR}], got {train_floor}")
+    params = params or MlpParams()
+    val = validate(train, vec_of, params, seeds, train_floor, log=log)
+    cos = cosines(train, vec_of)
+    rows = np.nonzero(cos >= train_floor)[0]
+    y = np.array([int(p["label"]) for p in train])
+    idf = IdfTable.from_texts(_texts(train, np.arange(len(train))))
+    verifier = Verifier(_fit_nets(_features(train, vec_of, rows, idf), y[rows], params, seeds), idf)
+    if target_precision is not None:
+        verifier.cut = choose_cut(val["oof"], val["y"], target_precision)
+    operating = round(MIN_RECALL + RECALL_MARGIN, 4)
+    record = {
+        "train_pairs": len(train),
+        "fit_pairs": len(rows),
         "train_floor": train_floor,
-        "frozen_layers": frozen_layers,
-        "calibration_pairs": len(calib),
-        "epochs": [],
+        "seeds": list(seeds),
+        "params": asdict(params),
+        "idf_words": len(idf.idf),
+        "validation_pairs": val["pairs"],
+        "validation_positives": val["positives"],
+        "validation": {k: val[k] for k in ("verifier", "cosine", "per_fold_precision", "per_fold_mean_std")},
+        "operating_recall": operating,
+        "operating_cut": cut_for_recall(val["oof"], val["y"], val["positives"], operating),
     }
-    best: dict = {"precision": -1.0}
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        t0 = time.perf_counter()
-        val = validate(encoder, calib, vec_of)
-        row = {"epoch": epoch, "loss": round(loss, 4)}
-        row.update({k: val[k] for k in ("verifier", "cross_logit", "cosine")})
-        record["epochs"].append(row)
-        record["validation_pairs"], record["validation_positives"] = val["pairs"], val["positives"]
-        log(f"validation ({time.perf_counter() - t0:.0f} s): {json.dumps(row)}")
-        precision = val["verifier"]["precision"] if val["verifier"] else 0.0
-        if precision > best["precision"]:
-            best.update(precision=precision, epoch=epoch, tensors=encoder.trained_tensors(), val=val)
-        if checkpoints is not None:
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            verifier, rec = _finish(encoder, val, {**record, "kept_epoch": epoch}, target_precision)
-            verifier.save(checkpoints / f"epoch{epoch}.safetensors", {"validation": json.dumps(rec)})
-
-    train_pair_encoder(encoder, c, q, y, epochs=epochs, log=log, on_epoch=on_epoch)
-    encoder.load_trained(best["tensors"])  # the best epoch on validation, not the last
-    log(f"kept epoch {best['epoch']} of {epochs}")
-    return _finish(encoder, best["val"], {**record, "kept_epoch": best["epoch"]}, target_precision)
+    return verifier, record
 
 
 def fit_verifier_cli(
@@ -359,11 +272,8 @@ def fit_verifier_cli(
     out: str | None,
     limit: int | None,
     target_precision: float | None,
-    epochs: int = 1,
-    checkpoints: str | None = None,
-    both_orders: bool = False,
-    frozen_layers: int = 3,
     train_floor: float = TRAIN_FLOOR,
+    seeds: int = 3,
 ) -> dict:
     import torch
 
@@ -374,25 +284,15 @@ def fit_verifier_cli(
     pairs = load_pairs(pairs_path)
     train, held_out = split_pairs(pairs)  # over the whole file, so --limit keeps the same split
     train = train[:limit] if limit else train
-    embedder = Embedder()
-    vec_of = embed_cached(embedder, [t for p in pairs for t in (p["text_a"], p["text_b"])])
-    folder = Path(checkpoints) if checkpoints else kvfuse_home() / "semcache-verifier-checkpoints"
+    vec_of = embed_cached(Embedder(), [t for p in pairs for t in (p["text_a"], p["text_b"])])
     verifier, record = fit_verifier(
-        train,
-        vec_of,
-        target_precision,
-        epochs=epochs,
-        frozen_layers=frozen_layers,
-        checkpoints=folder,
-        both_orders=both_orders,
-        train_floor=train_floor,
+        train, vec_of, target_precision, seeds=tuple(range(seeds)), train_floor=train_floor
     )
     path = Path(out) if out else DEFAULT_WEIGHTS
     verifier.save(path, {"validation": json.dumps(record)})
     return {
         "weights": str(path),
         "bytes": path.stat().st_size,
-        "train_pairs": len(train),
         "held_out_pairs": len(held_out),
         **record,
         "cut": verifier.cut,

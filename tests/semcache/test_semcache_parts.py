@@ -12,10 +12,11 @@ from semcache.classify import CentroidClassifier, cross_validate, load_examples
 from semcache.index import IndexParams, VectorIndex
 from semcache.load_policy import LoadPolicy, LoadPolicyConfig
 from semcache.local_store import LocalStore
+from semcache.pair_features import FEATURES, IdfTable, pair_features
 from semcache.redis_store import RedisStore
 from semcache.scope import Scope
 from semcache.store import Entry
-from semcache.verify import Verifier, lexical_features
+from semcache.verify import Verifier
 
 SORTS = ["How do I sort a list ascending in Python?", "How do I sort a list descending in Python?"]
 
@@ -347,8 +348,52 @@ def test_verifier_weights_load_and_refuse_number_and_negation_changes(embedder):
         u, v = embedder.embed([a, b])
         p.append(verifier.p_same(a, b, u, v))
     assert p[0] > p[1] and p[0] > p[2]
-    assert lexical_features(*pairs[1], 0.9)[4] == 1.0  # number mismatch feature
-    assert lexical_features(*pairs[2], 0.9)[5] == 1.0  # negation mismatch feature
+    idf = verifier.idf
+    assert pair_features(*pairs[1], 0.9, idf)[FEATURES.index("number_mismatch")] == 1.0
+    assert pair_features(*pairs[2], 0.9, idf)[FEATURES.index("negation_mismatch")] == 1.0
+
+
+def test_pair_features_weigh_rare_words_and_word_order():
+    texts = ["what is the best car?"] * 5 + ["what is the best towing service?", "is it efficient?"]
+    idf = IdfTable.from_texts(texts + ["how do i learn the piano?", "what is an affordable car?"], min_df=1)
+    assert idf("the") < idf("car") < idf("towing") == idf("zyzzyva") == idf.unseen  # unseen: as rare as once
+
+    def named(a: str, b: str, cos: float) -> dict[str, float]:
+        return dict(zip(FEATURES, pair_features(a, b, cos, idf), strict=True))
+
+    f = named("best towing service?", "efficient towing service?", 0.9)
+    g = named("what is the best car?", "what is the car?", 0.9)
+    assert f["idf_unshared_max"] > g["idf_unshared_max"]  # "efficient" is rarer than "best"
+    swap = named("convert dollars to rupees", "convert rupees to dollars", 0.95)
+    assert swap["jaccard"] == 1.0 and swap["bigram_jaccard"] < 0.5 and swap["sequence_ratio"] < 1.0
+    assert len(pair_features("a?", "b?", 0.5, idf)) == len(FEATURES)
+    with pytest.raises(ValueError, match="at least one text"):
+        IdfTable.from_texts([])
+
+
+def test_mlp_learns_and_verifier_weights_round_trip(tmp_path):
+    from semcache.mlp import Mlp, MlpParams, fit_mlp
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, len(FEATURES))).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 3] > 0).astype(np.float32)
+    net = fit_mlp(X, y, MlpParams(hidden=8, epochs=200), seed=0)
+    assert ((net.logits(X) > 0) == (y > 0.5)).mean() > 0.9  # a separable toy problem is learned
+    idf = IdfTable({"towing": 5.0}, 7.0)
+    verifier = Verifier([net, fit_mlp(X, y, MlpParams(hidden=8, epochs=5), seed=1)], idf, cut=0.6)
+    verifier.save(tmp_path / "v.safetensors", {"validation": "{}"})
+    back = Verifier.load(tmp_path / "v.safetensors")
+    assert back.cut == 0.6 and back.idf == idf and back.metadata["validation"] == "{}"
+    np.testing.assert_allclose(back.probability(X), verifier.probability(X), rtol=1e-6)
+    with pytest.raises(ValueError, match="features"):
+        Verifier([Mlp(*[np.zeros(s, np.float32) for s in ((3,), (3,), (3, 2), (2,), (2,))], 0.0)], idf)
+    with pytest.raises(ValueError, match="shapes"):
+        Mlp(np.zeros(3), np.ones(3), np.zeros((4, 2)), np.zeros(2), np.zeros(2), 0.0)
+    with pytest.raises(ValueError, match="cut"):
+        Verifier([net], idf, cut=1.5)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable"):
+        Verifier.load(tmp_path / "bad.safetensors")
 
 
 def test_split_keeps_every_question_on_one_side(shared_data):
