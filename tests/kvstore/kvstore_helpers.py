@@ -22,6 +22,32 @@ def tiny_entry(key: str, tokens: int = 4, seed: int = 0) -> Entry:
 ENTRY_BYTES = tiny_entry("x").nbytes  # tensor + positions bytes of one 4-token TINY entry
 
 
+def hex_key(i: int) -> str:
+    """A key shaped like the store's (32 hex digits)."""
+    return f"{i:032x}"
+
+
+def seed_of(entry: Entry | None) -> int | None:
+    """Which seed made this tiny entry (the version a test put), or None."""
+    if entry is None:
+        return None
+    tokens = entry.kv.shape[2]
+    return next(s for s in range(100) if torch.equal(tiny_entry(entry.key, tokens, seed=s).kv, entry.kv))
+
+
+def assert_redis_consistent(tier) -> None:
+    """Every data key under the RedisTier's prefix is in its LRU (so it can be evicted) and counted in
+    its bytes."""
+    import redis
+
+    client = redis.Redis.from_url(tier.url)
+    start = tier.prefix + "e:"
+    pattern = "".join("\\" + c if c in "[]*?\\" else c for c in start) + "*"
+    data = {k.decode()[len(start) :]: client.strlen(k) for k in client.scan_iter(match=pattern)}
+    assert sorted(data) == sorted(tier.keys())
+    assert tier.usage().bytes == sum(data.values())
+
+
 def start_redis(folder, *extra: str, attempts: int = 5):
     """A private redis-server in `folder` on a free port below 55000 (a cluster node also binds port +
     10000), answering PING: (process, port). Skips without the binary (fails under CI=true); raises

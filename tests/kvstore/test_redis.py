@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 import torch
-from kvstore_helpers import ENTRY_BYTES, start_redis, tiny_entry
+from kvstore_helpers import ENTRY_BYTES, assert_redis_consistent, start_redis, tiny_entry
 
 from kvstore import StoreConfig, TieredStore
 from kvstore.format import encoded_nbytes
@@ -177,16 +177,6 @@ def test_redis_cluster_url_round_trip_capacity_and_store(redis_cluster):
     store.close()
 
 
-def _consistent(tier: RedisTier) -> None:
-    """Every data key under the prefix is in the LRU (so it can be evicted) and counted in the bytes."""
-    client = redis.Redis.from_url(tier.url)
-    start = tier.prefix + "e:"
-    pattern = "".join("\\" + c if c in "[]*?\\" else c for c in start) + "*"
-    data = {k.decode()[len(start) :]: client.strlen(k) for k in client.scan_iter(match=pattern)}
-    assert sorted(data) == sorted(tier.keys())
-    assert tier.usage().bytes == sum(data.values())
-
-
 def test_a_failed_set_leaves_no_uncounted_data_key(redis_url, redis_prefix, monkeypatch):
     """The reservation is made, then the SET fails (the connection drops before it is sent, or after
     Redis applied it): the key's data may not stay in Redis uncounted and out of the LRU (it was
@@ -206,5 +196,5 @@ def test_a_failed_set_leaves_no_uncounted_data_key(redis_url, redis_prefix, monk
         with pytest.raises(TierUnavailable):
             tier.put(tiny_entry(key, tokens=8, seed=2))  # a different size than the copy there
         monkeypatch.undo()
-        _consistent(tier)
+        assert_redis_consistent(tier)
         assert tier.get(key) is None  # the older copy is not served in place of the failed one

@@ -17,8 +17,7 @@ from collections.abc import Callable
 import msgpack
 import pytest
 import redis
-import torch
-from kvstore_helpers import ENTRY_BYTES, tiny_entry
+from kvstore_helpers import ENTRY_BYTES, assert_redis_consistent, hex_key, seed_of, tiny_entry
 
 import kvstore.keyfile as keyfile
 import kvstore.store as store_module
@@ -30,20 +29,8 @@ from kvstore.tiers.host import MemoryTier
 DOWN_S = 60.0  # redis_retry_s where a tier must stay down until the test says otherwise
 
 
-def _key(i: int) -> str:
-    return f"{i:032x}"
-
-
-def _version(entry) -> int | None:
-    """Which seed made this tiny entry (the version the test put), or None."""
-    if entry is None:
-        return None
-    tokens = entry.kv.shape[2]
-    return next(s for s in range(100) if torch.equal(tiny_entry(entry.key, tokens, seed=s).kv, entry.kv))
-
-
 def _disk_entries(n: int) -> int:
-    return n * encoded_nbytes(tiny_entry(_key(0)))
+    return n * encoded_nbytes(tiny_entry(hex_key(0)))
 
 
 def _until(done: Callable[[], bool], what: str) -> None:
@@ -62,16 +49,6 @@ def _waiting_on_a_condition(thread: threading.Thread) -> bool:
         and frame.f_code.co_name == "wait"
         and frame.f_code.co_filename == threading.__file__
     )
-
-
-def _consistent(tier: RedisTier) -> None:
-    """Every data key under the prefix is in the LRU (so it can be evicted) and counted in the bytes."""
-    client = redis.Redis.from_url(tier.url)
-    start = tier.prefix + "e:"
-    pattern = "".join("\\" + c if c in "[]*?\\" else c for c in start) + "*"
-    data = {k.decode()[len(start) :]: client.strlen(k) for k in client.scan_iter(match=pattern)}
-    assert sorted(data) == sorted(tier.keys())
-    assert tier.usage().bytes == sum(data.values())
 
 
 def _fail_next_delete(tier: RedisTier) -> None:
@@ -128,12 +105,12 @@ def test_a_write_down_under_way_during_remove_is_never_served_or_persisted_after
     write and found no disk copy yet; the write landed; a get that began after that read the disk copy
     and promoted it to the top tier; the worker's undo removed only the disk copy. The removed K was
     served from then on, and close() wrote it back to disk for the next start."""
-    k = _key(1)
+    k = hex_key(1)
     disk = _LandingDisk(tmp_path / "disk", _disk_entries(100), key=k)
     store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[MemoryTier(ENTRY_BYTES), disk])
     disk.store = store
     store.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(_key(2)))  # evicts K: its write-down is queued; the worker waits in entry_size
+    store.put(tiny_entry(hex_key(2)))  # evicts K: its write-down is queued; the worker waits in entry_size
     assert disk.entered.wait(10)
     remover = threading.Thread(target=store.remove, args=(k,), daemon=True)
     remover.start()
@@ -146,7 +123,7 @@ def test_a_write_down_under_way_during_remove_is_never_served_or_persisted_after
     for t in disk.getters:
         t.join(10)
     assert disk.getters and disk.read_done.is_set()  # the window was really there
-    assert all(_version(got) is None for got in disk.got)
+    assert all(seed_of(got) is None for got in disk.got)
     assert store.get(k) is None and store.lookup([k]) == 0
     assert not store.tiers[0].contains(k) and not disk.contains(k)
     store.close()
@@ -202,29 +179,33 @@ def test_a_store_restarts_after_closing_with_more_shadows_than_a_key_file_holds(
 
 def test_a_remove_whose_del_fails_leaves_the_data_counted(redis_url, redis_prefix):
     tier = RedisTier(redis_url, 1 << 20, redis_prefix)
-    k = _key(1)
+    k = hex_key(1)
     tier.put(tiny_entry(k, seed=1))
     _fail_next_delete(tier)
     with pytest.raises(TierUnavailable):
         tier.remove(k)
-    _consistent(tier)  # released before the DEL: readable, out of the LRU and the bytes, never evicted
+    assert_redis_consistent(
+        tier
+    )  # released before the DEL: readable, out of the LRU and the bytes, never evicted
     assert tier.remove(k) > 0 and not tier.contains(k)  # a later remove still finds and frees it
-    _consistent(tier)
+    assert_redis_consistent(tier)
 
 
 def test_an_eviction_from_redis_whose_del_fails_keeps_the_shared_budget_exact(redis_url, redis_prefix):
-    size = encoded_nbytes(tiny_entry(_key(0)))
+    size = encoded_nbytes(tiny_entry(hex_key(0)))
     tier = RedisTier(redis_url, 2 * size + 10, redis_prefix)  # room for two entries
     store = TieredStore(
         StoreConfig(lease_wait_s=0.01, redis_retry_s=0.01), tiers=[HostTier(ENTRY_BYTES), tier]
     )
     for i in range(3):
-        store.put(tiny_entry(_key(10 + i)))
+        store.put(tiny_entry(hex_key(10 + i)))
     store.flush()  # two of them in Redis
     _fail_next_delete(tier)
-    store.put(tiny_entry(_key(13)))  # _key(12)'s write-down evicts _key(10) from Redis: its DEL fails
+    store.put(
+        tiny_entry(hex_key(13))
+    )  # hex_key(12)'s write-down evicts hex_key(10) from Redis: its DEL fails
     store.flush()
-    _consistent(tier)
+    assert_redis_consistent(tier)
     assert tier.usage().bytes <= tier.capacity_bytes
     store.close()
 
@@ -287,12 +268,12 @@ def test_clear_with_redis_down_refuses_and_a_cleared_key_never_comes_back(redis_
     store = TieredStore(
         StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier]
     )
-    k, top = _key(1), _key(2)
+    k, top = hex_key(1), hex_key(2)
     store.put(tiny_entry(k, seed=1))
     store.put(tiny_entry(top))
     store.flush()  # k in Redis, top in the host tier
     redis_tier.down = True
-    assert store.get(_key(3)) is None  # Redis fails once: marked down
+    assert store.get(hex_key(3)) is None  # Redis fails once: marked down
     with pytest.raises(TierUnavailable, match="redis"):
         store.clear()
     assert store.tiers[0].contains(top)  # nothing cleared
@@ -311,11 +292,11 @@ def test_clear_whose_redis_call_fails_clears_no_local_tier(redis_url, redis_pref
     store = TieredStore(
         StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier]
     )
-    store.put(tiny_entry(_key(1)))
+    store.put(tiny_entry(hex_key(1)))
     redis_tier.down = True  # not yet marked down: the clear itself fails
     with pytest.raises(TierUnavailable, match="redis"):
         store.clear()
-    assert store.tiers[0].contains(_key(1)) and not store.health()["tiers"]["redis"]["ok"]
+    assert store.tiers[0].contains(hex_key(1)) and not store.health()["tiers"]["redis"]["ok"]
     redis_tier.down = False
     store.close()
 
@@ -327,12 +308,12 @@ def test_an_eviction_from_redis_drops_the_shadow_of_the_key_it_removed(redis_url
     """Shadows only went when their key was read or written again: evicted from Redis, a shadowed key
     stayed shadowed for good (saved across restarts), until the cap was reached and a later outage's
     shadow was lost (a stale read)."""
-    size = encoded_nbytes(tiny_entry(_key(0)))
+    size = encoded_nbytes(tiny_entry(hex_key(0)))
     redis_tier = _DownRedis(redis_url, 2 * size + 10, redis_prefix)  # room for two entries
     store = TieredStore(
         StoreConfig(lease_wait_s=0.01, redis_retry_s=0.01), tiers=[HostTier(ENTRY_BYTES), redis_tier]
     )
-    k = _key(1)
+    k = hex_key(1)
     redis_tier.put(tiny_entry(k, seed=1))  # as another engine left it
     redis_tier.down = True
     store.remove(k)  # Redis down: its copy stays, shadowed
@@ -340,7 +321,7 @@ def test_an_eviction_from_redis_drops_the_shadow_of_the_key_it_removed(redis_url
     assert store.health()["ok"]  # answers again
     assert store.stats()["shadowed"] == 1 and redis_tier.contains(k)
     for i in range(3):
-        store.put(tiny_entry(_key(10 + i)))  # two write-downs fill Redis: k, the LRU, is evicted
+        store.put(tiny_entry(hex_key(10 + i)))  # two write-downs fill Redis: k, the LRU, is evicted
     store.flush()
     assert not redis_tier.contains(k)
     assert store.stats()["shadowed"] == 0

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from kvstore_helpers import ENTRY_BYTES, tiny_entry
+from kvstore_helpers import ENTRY_BYTES, hex_key, seed_of, tiny_entry
 
 from kvstore import StoreConfig, TieredStore
 from kvstore.format import encoded_nbytes
@@ -25,18 +25,6 @@ from kvstore.tiers.host import MemoryTier
 
 WORKER = "kvstore-write-behind"
 DOWN_S = 60.0  # redis_retry_s where a tier must stay down for the whole test
-
-
-def _key(i: int) -> str:
-    return f"{i:032x}"
-
-
-def _version(entry) -> int | None:
-    """Which seed made this tiny entry (the version the test put), or None."""
-    if entry is None:
-        return None
-    tokens = entry.kv.shape[2]
-    return next(s for s in range(100) if torch.equal(tiny_entry(entry.key, tokens, seed=s).kv, entry.kv))
 
 
 def _hold(entered: threading.Event, release: threading.Event) -> Callable[[], None]:
@@ -147,7 +135,7 @@ def _memory() -> MemoryTier:
 
 
 def _disk_entries(n: int) -> int:
-    return n * encoded_nbytes(tiny_entry(_key(0)))
+    return n * encoded_nbytes(tiny_entry(hex_key(0)))
 
 
 # ---- a. a slow top tier is written by the caller ---------------------------------------------------
@@ -160,7 +148,7 @@ def test_a_slow_top_tier_never_deadlocks_a_put_on_a_full_write_queue(tmp_path):
     is blocked on the full queue, then takes the lock."""
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
     store = TieredStore(StoreConfig(write_queue=1), tiers=[disk])  # as host_bytes=0 with a disk_path
-    first = _key(0)
+    first = hex_key(0)
 
     def stall_worker() -> None:
         if threading.current_thread().name == WORKER:
@@ -170,13 +158,13 @@ def test_a_slow_top_tier_never_deadlocks_a_put_on_a_full_write_queue(tmp_path):
 
     disk.gates[first] = stall_worker
     putter = threading.Thread(
-        target=lambda: [store.put(tiny_entry(_key(i), seed=i)) for i in range(4)], daemon=True
+        target=lambda: [store.put(tiny_entry(hex_key(i), seed=i)) for i in range(4)], daemon=True
     )
     putter.start()
     putter.join(20)
     assert not putter.is_alive(), "a put into the slow top tier deadlocked on the full write queue"
     store.close()
-    assert all(_version(disk.get(_key(i))) == i for i in range(4))
+    assert all(seed_of(disk.get(hex_key(i))) == i for i in range(4))
 
 
 # ---- b. a local tier marked down still hides what is below it --------------------------------------
@@ -190,18 +178,18 @@ def test_a_disk_marked_down_still_serves_its_newer_copy_over_redis(tmp_path, red
     redis_tier = RedisTier(redis_url, 1 << 20, redis_prefix)
     config = StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S)
     store = TieredStore(config, tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
-    k, only_disk, faulty = _key(1), _key(2), _key(3)
+    k, only_disk, faulty = hex_key(1), hex_key(2), hex_key(3)
     redis_tier.put(tiny_entry(k, seed=1))
     store.put(tiny_entry(k, seed=2))
     store.put(tiny_entry(only_disk))  # version 2 written down to disk
     store.put(tiny_entry(faulty))  # only_disk written down too
     store.flush()
-    assert _version(disk.get(k)) == 2 and disk.contains(only_disk)
+    assert seed_of(disk.get(k)) == 2 and disk.contains(only_disk)
     disk.fail.add(faulty)
-    store.put(tiny_entry(_key(4)))  # faulty's write-down fails: the disk is marked down
+    store.put(tiny_entry(hex_key(4)))  # faulty's write-down fails: the disk is marked down
     store.flush()
     assert not store.health()["tiers"]["disk"]["ok"]
-    assert _version(store.get(k)) == 2
+    assert seed_of(store.get(k)) == 2
     assert store.lookup([only_disk]) == 1
     store.close()
 
@@ -223,9 +211,9 @@ class _UnreadableDisk(_Disk):
 def _older_in_redis_newer_on_disk(tmp_path, redis_url, redis_prefix, disk) -> tuple[TieredStore, RedisTier]:
     redis_tier = RedisTier(redis_url, 1 << 20, redis_prefix)
     store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
-    redis_tier.put(tiny_entry(_key(1), seed=1))  # as another engine sharing this Redis left it
-    store.put(tiny_entry(_key(1), seed=2))
-    store.put(tiny_entry(_key(2)))  # version 2 written down to disk, above Redis's version 1
+    redis_tier.put(tiny_entry(hex_key(1), seed=1))  # as another engine sharing this Redis left it
+    store.put(tiny_entry(hex_key(1), seed=2))
+    store.put(tiny_entry(hex_key(2)))  # version 2 written down to disk, above Redis's version 1
     store.flush()
     return store, redis_tier
 
@@ -235,7 +223,7 @@ def test_a_corrupt_disk_copy_does_not_uncover_the_older_redis_copy(tmp_path, red
     reports a miss and deletes it, and Redis's version 1 was then served in its place."""
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
     store, redis_tier = _older_in_redis_newer_on_disk(tmp_path, redis_url, redis_prefix, disk)
-    k = _key(1)
+    k = hex_key(1)
     path = disk.path(k)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -251,13 +239,13 @@ def test_a_disk_read_error_is_a_miss_not_the_older_redis_copy(tmp_path, redis_ur
     again version 2 is served."""
     disk = _UnreadableDisk(tmp_path / "disk", _disk_entries(100))
     store, _ = _older_in_redis_newer_on_disk(tmp_path, redis_url, redis_prefix, disk)
-    k = _key(1)
+    k = hex_key(1)
     disk.unreadable.add(k)
     assert store.get(k) is None
     assert store.stats()["tiers"]["disk"]["faults"] == 1
     disk.unreadable.add(k)  # again while the disk is marked down
     assert store.get(k) is None
-    assert _version(store.get(k)) == 2
+    assert seed_of(store.get(k)) == 2
     store.close()
 
 
@@ -271,19 +259,19 @@ def test_close_with_the_disk_down_leaves_no_older_copy_for_the_restart(tmp_path)
     store = TieredStore(
         StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[HostTier(2 * ENTRY_BYTES), disk]
     )
-    k, faulty = _key(1), _key(2)
+    k, faulty = hex_key(1), hex_key(2)
     store.put(tiny_entry(k, seed=1))
     store.put(tiny_entry(faulty))
-    store.put(tiny_entry(_key(3)))  # version 1 written down
+    store.put(tiny_entry(hex_key(3)))  # version 1 written down
     store.flush()
-    assert _version(disk.get(k)) == 1
+    assert seed_of(disk.get(k)) == 1
     disk.fail.add(faulty)
     store.put(tiny_entry(k, seed=2))  # faulty evicted: its write fails, the disk is marked down
     store.flush()
     assert not store.health()["tiers"]["disk"]["ok"]
     store.close()
     again = DiskTier(tmp_path / "disk", _disk_entries(100), read_pool_bytes=1 << 20)
-    assert _version(again.get(k)) in (None, 2)
+    assert seed_of(again.get(k)) in (None, 2)
 
 
 # ---- d. a second close waits for the first ----------------------------------------------------------
@@ -292,7 +280,7 @@ def test_close_with_the_disk_down_leaves_no_older_copy_for_the_restart(tmp_path)
 def test_a_second_close_returns_only_once_the_first_has_persisted(tmp_path):
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
     store = TieredStore(StoreConfig(), tiers=[HostTier(4 * ENTRY_BYTES), disk])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
     disk.gate(k)  # close's persist of k: the worker waits inside the write
     first = threading.Thread(target=store.close, daemon=True)
@@ -333,9 +321,9 @@ class _PausedReadDisk(_Disk):
 def test_a_get_that_read_a_key_before_its_remove_does_not_promote_it_back(tmp_path):
     disk = _PausedReadDisk(tmp_path / "disk", _disk_entries(100))
     store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(_key(2)))  # k written down
+    store.put(tiny_entry(hex_key(2)))  # k written down
     store.flush()
     disk.pause_key = k
     store._locks[0].acquire()  # the reader's promotion (under the top tier's lock) waits for the test
@@ -356,12 +344,12 @@ def test_an_eviction_racing_a_remove_does_not_write_the_key_back(tmp_path):
     remove reaches the host tier: that copy must not land on disk after the remove returned."""
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
     store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[_memory(), disk])
-    k, slow = _key(1), _key(2)
+    k, slow = hex_key(1), hex_key(2)
     disk.gate(slow)
     store.put(tiny_entry(slow))
     store.put(tiny_entry(k, seed=1))  # slow's write-down holds the worker
     assert disk.entered[slow].wait(10)
-    store.put(tiny_entry(_key(3)))  # k's version 1 queued
+    store.put(tiny_entry(hex_key(3)))  # k's version 1 queued
     store.put(tiny_entry(k, seed=2))  # version 2 in the host tier, version 1 still queued
     store._locks[0].acquire()
     try:
@@ -370,7 +358,7 @@ def test_an_eviction_racing_a_remove_does_not_write_the_key_back(tmp_path):
         deadline = time.monotonic() + 0.5  # before the fix remove took the queued write here
         while k in store._pending and time.monotonic() < deadline:
             time.sleep(0.001)
-        store.put(tiny_entry(_key(4)))  # evicts version 2: queued
+        store.put(tiny_entry(hex_key(4)))  # evicts version 2: queued
     finally:
         store._locks[0].release()
     remover.join(10)
@@ -386,14 +374,14 @@ def test_an_eviction_between_removes_steps_does_not_write_the_key_back(tmp_path)
     between queued the key again. The top tier's lock is wrapped so that a put runs exactly there."""
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
     store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[_memory(), disk])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
     disk.gate(k)  # k's write-down waits until the remove has returned
     lock = _HookedLock(store._locks[0])
     store._locks[0] = lock
     remover = threading.Thread(target=store.remove, args=(k,), daemon=True)
     # the remove's first release of the top tier's lock: a put evicts k meanwhile (and queues it)
-    lock.after_release(remover, lambda: _run(lambda: store.put(tiny_entry(_key(2)))))
+    lock.after_release(remover, lambda: _run(lambda: store.put(tiny_entry(hex_key(2)))))
     remover.start()
     remover.join(10)
     disk.release[k].set()
@@ -407,10 +395,10 @@ def test_a_get_that_reads_the_key_while_remove_walks_down_does_not_promote_it_ba
     its promotion must not land in the host tier behind the remove."""
     disk = _PausedReadDisk(tmp_path / "disk", _disk_entries(100))
     store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(2 * ENTRY_BYTES), disk])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(_key(2)))
-    store.put(tiny_entry(_key(3)))  # k written down
+    store.put(tiny_entry(hex_key(2)))
+    store.put(tiny_entry(hex_key(3)))  # k written down
     store.flush()
     assert not store.tiers[0].contains(k) and disk.contains(k)
     disk.pause_key = k
@@ -427,20 +415,26 @@ def test_a_get_that_reads_the_key_while_remove_walks_down_does_not_promote_it_ba
     store.close()
 
 
+def _version_2_on_disk_over_version_1_in_redis(tmp_path, redis_url, redis_prefix):
+    """host (one entry) / disk / Redis: key k at version 2 on disk, its version 1 in Redis below."""
+    disk = _Disk(tmp_path / "disk", _disk_entries(100))
+    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
+    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
+    k = hex_key(1)
+    redis_tier.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(k, seed=2))
+    store.put(tiny_entry(hex_key(2)))  # version 2 written down to disk
+    store.flush()
+    return store, redis_tier, k
+
+
 def test_a_get_during_a_remove_never_serves_the_older_copy_the_removal_uncovered(
     tmp_path, redis_url, redis_prefix
 ):
     """Version 1 in Redis, version 2 on disk above it. remove() walks down: it has removed version 2
     from disk and not yet version 1 from Redis when a get reads Redis: serving version 1 would show
     a version older than one acknowledged before the get began (seen in a stress run)."""
-    disk = _Disk(tmp_path / "disk", _disk_entries(100))
-    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
-    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
-    k = _key(1)
-    redis_tier.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(k, seed=2))
-    store.put(tiny_entry(_key(2)))  # version 2 written down to disk
-    store.flush()
+    store, redis_tier, k = _version_2_on_disk_over_version_1_in_redis(tmp_path, redis_url, redis_prefix)
     got: list = []
     reader = threading.Thread(target=lambda: got.append(store.get(k)), daemon=True)
 
@@ -451,7 +445,7 @@ def test_a_get_during_a_remove_never_serves_the_older_copy_the_removal_uncovered
     redis_tier.before_remove[k] = read_first
     assert store.remove(k)
     reader.join(10)
-    assert got and _version(got[0]) in (None, 2)
+    assert got and seed_of(got[0]) in (None, 2)
     assert store.get(k) is None
     store.close()
 
@@ -460,14 +454,7 @@ def test_a_get_during_clear_never_serves_an_older_copy_it_uncovered(tmp_path, re
     """A get while clear() empties the tiers: when the tiers were cleared top-down, a get between the
     disk and Redis found Redis's version 1 under the version 2 just cleared from disk. Redis now goes
     first; a get while it is cleared may still see version 2 on disk, never version 1."""
-    disk = _Disk(tmp_path / "disk", _disk_entries(100))
-    redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
-    store = TieredStore(StoreConfig(lease_wait_s=0.01), tiers=[HostTier(ENTRY_BYTES), disk, redis_tier])
-    k = _key(1)
-    redis_tier.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(k, seed=2))
-    store.put(tiny_entry(_key(2)))  # version 2 written down to disk
-    store.flush()
+    store, redis_tier, k = _version_2_on_disk_over_version_1_in_redis(tmp_path, redis_url, redis_prefix)
     got: list = []
     reader = threading.Thread(target=lambda: got.append(store.get(k)), daemon=True)
 
@@ -478,7 +465,7 @@ def test_a_get_during_clear_never_serves_an_older_copy_it_uncovered(tmp_path, re
     redis_tier.before_remove[k] = read_first
     store.clear()
     reader.join(10)
-    assert got and _version(got[0]) in (None, 2)
+    assert got and seed_of(got[0]) in (None, 2)
     assert store.get(k) is None and store.keys() == []
     store.close()
 
@@ -486,9 +473,9 @@ def test_a_get_during_clear_never_serves_an_older_copy_it_uncovered(tmp_path, re
 def test_a_clear_that_redis_fails_is_an_error_and_keeps_its_shadows(redis_url, redis_prefix):
     redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
     store = TieredStore(StoreConfig(redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(_key(2)))
+    store.put(tiny_entry(hex_key(2)))
     store.flush()  # version 1 in Redis
     redis_tier.fail.add(k)
     store.remove(k)  # Redis fails: k shadowed
@@ -509,12 +496,12 @@ def test_remove_shadows_at_most_the_cap_and_counts_the_rest(redis_url, redis_pre
     monkeypatch.setattr(kvstore.store, "_MAX_SHADOWED", 2)
     redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
     store = TieredStore(StoreConfig(redis_retry_s=DOWN_S), tiers=[HostTier(ENTRY_BYTES), redis_tier])
-    redis_tier.fail.add(_key(0))
-    store.put(tiny_entry(_key(0)))
-    store.put(tiny_entry(_key(1)))  # _key(0)'s write-down fails: Redis is down, _key(0) shadowed
+    redis_tier.fail.add(hex_key(0))
+    store.put(tiny_entry(hex_key(0)))
+    store.put(tiny_entry(hex_key(1)))  # hex_key(0)'s write-down fails: Redis is down, hex_key(0) shadowed
     store.flush()
     for i in (2, 3, 4):
-        store.remove(_key(i))
+        store.remove(hex_key(i))
     stats = store.stats()
     assert (stats["shadowed"], stats["shadows_lost"]) == (2, 2)
     store.close()
@@ -560,9 +547,9 @@ def test_a_key_removed_while_redis_stalls_is_not_served_from_redis_later(own_red
     redis_tier = RedisTier(url, 1 << 20, "kvfuse-test-remove:", timeout_s=0.3)
     config = StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S, redis_timeout_s=0.3)
     store = TieredStore(config, tiers=[HostTier(ENTRY_BYTES), redis_tier])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(_key(2)))
+    store.put(tiny_entry(hex_key(2)))
     store.flush()
     assert redis_tier.contains(k)
     pause()
@@ -584,13 +571,13 @@ def test_a_get_past_the_top_tier_when_a_put_lands_never_reads_the_shadowed_copy(
     host = _Host(ENTRY_BYTES)
     redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
     store = TieredStore(StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[host, redis_tier])
-    k = _key(1)
+    k = hex_key(1)
     store.put(tiny_entry(k, seed=1))
-    store.put(tiny_entry(_key(2)))
+    store.put(tiny_entry(hex_key(2)))
     store.flush()  # version 1 in Redis
     store.put(tiny_entry(k, seed=2))
     redis_tier.fail.add(k)
-    store.put(tiny_entry(_key(3)))  # version 2's write-down fails
+    store.put(tiny_entry(hex_key(3)))  # version 2's write-down fails
     store.flush()
     assert store.health()["ok"] and redis_tier.contains(k)  # back, still holding version 1
     release = host.release[k] = threading.Event()
@@ -601,8 +588,8 @@ def test_a_get_past_the_top_tier_when_a_put_lands_never_reads_the_shadowed_copy(
     store.put(tiny_entry(k, seed=3))
     release.set()
     reader.join(10)
-    assert got and _version(got[0]) in (None, 3)
-    assert _version(store.get(k)) == 3
+    assert got and seed_of(got[0]) in (None, 3)
+    assert seed_of(store.get(k)) == 3
     store.close()
 
 
@@ -619,7 +606,7 @@ def test_a_restart_keeps_the_shadows_so_redis_never_serves_what_was_dropped_or_r
 
     redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
     store = open_store(redis_tier)
-    dropped, removed = _key(1), _key(2)
+    dropped, removed = hex_key(1), hex_key(2)
     for k in (dropped, removed):
         redis_tier.put(tiny_entry(k, seed=1))  # as another engine sharing this Redis left them
     redis_tier.fail.add(dropped)
@@ -650,7 +637,7 @@ def test_a_write_queued_while_the_disk_was_down_never_lands_below_an_older_one(
     redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
     config = StoreConfig(lease_wait_s=0.01, redis_retry_s=1.0)
     store = TieredStore(config, tiers=[_memory(), disk, redis_tier])
-    faulty, held, k = _key(1), _key(2), _key(3)
+    faulty, held, k = hex_key(1), hex_key(2), hex_key(3)
     disk.gate(faulty)
     disk.fail.add(faulty)
     redis_tier.release[held] = threading.Event()
@@ -658,18 +645,18 @@ def test_a_write_queued_while_the_disk_was_down_never_lands_below_an_older_one(
     store.put(tiny_entry(held))  # faulty's write: the worker waits inside it
     assert disk.entered[faulty].wait(10)
     store.put(tiny_entry(k, seed=1))  # held queued for the disk
-    store.put(tiny_entry(_key(4)))  # k's version 1 queued for the disk
+    store.put(tiny_entry(hex_key(4)))  # k's version 1 queued for the disk
     disk.release[faulty].set()  # faulty's write fails: the disk is marked down for 1 s
     assert redis_tier.entered[held].wait(10)  # the worker writes held to Redis instead, and waits
     assert not store._usable(disk)
     store.put(tiny_entry(k, seed=2))
-    store.put(tiny_entry(_key(5)))  # version 2 evicted while the disk is down
+    store.put(tiny_entry(hex_key(5)))  # version 2 evicted while the disk is down
     deadline = time.monotonic() + 10
     while not store._usable(disk) and time.monotonic() < deadline:  # the disk's retry time passes
         time.sleep(0.05)
     redis_tier.release[held].set()
     store.flush()
-    assert _version(store.get(k)) == 2
+    assert seed_of(store.get(k)) == 2
     store.close()
 
 
@@ -701,7 +688,7 @@ def test_cachestat_is_given_up_after_a_lasting_error_and_reads_stay_exact(tmp_pa
     monkeypatch.setattr(disk_module, "_LIBC", libc)
     monkeypatch.setattr(disk_module, "_cachestat_works", True)
     disk = DiskTier(tmp_path, 1 << 20, read_pool_bytes=1 << 20)
-    entry = tiny_entry(_key(1), seed=7)
+    entry = tiny_entry(hex_key(1), seed=7)
     disk.put(entry)
     for _ in range(2):
         assert torch.equal(disk.get(entry.key).kv, entry.kv)  # mincore answers instead
