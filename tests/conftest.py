@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from redis_keys import delete_prefix, keys_under, redis_test_prefix
 
 from engine.paths import data_dir
 
@@ -92,11 +93,13 @@ def redis_url():
 
 @pytest.fixture
 def redis_prefix(redis_url, request):
-    """A unique key prefix for one test; every key under it is deleted afterwards."""
+    """A unique key prefix for one test; every key under it is deleted afterwards, and the teardown
+    fails if any is left (a test that leaks keys into the shared Redis)."""
     import redis
 
-    prefix = f"kvfuse-test:{request.node.name}:{os.getpid()}:{time.monotonic_ns()}:"
+    prefix = redis_test_prefix(request.node.nodeid)
     yield prefix
     client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=prefix + "*", count=1000):
-        client.delete(key)
+    delete_prefix(client, prefix)
+    left = keys_under(client, prefix)
+    assert not left, f"{len(left)} Redis keys left under {prefix!r}, e.g. {left[:3]}"
