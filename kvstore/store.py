@@ -913,6 +913,7 @@ class TieredStore:
             u = self._call(tier, tier.usage, default=None)
             with self._count_lock:
                 row: dict[str, Any] = dict(self._counts[tier.name])
+            row["faults"] += getattr(tier, "faults", 0)  # errors the tier absorbed (disk: see _forget)
             row.update(
                 entries=None if u is None else u.entries,
                 bytes=None if u is None else u.bytes,

@@ -2,9 +2,10 @@
 
 Files live at `<root>/<key[:2]>/<key>.kvf`. At start the index is rebuilt from the folder (LRU order from
 modification times, which a hit refreshes), so a restart keeps every entry. A torn, truncated or corrupted
-file fails its checksum on read: it is reported as a miss and deleted, never returned. A removed entry
-whose file cannot be deleted (EACCES, EPERM, EIO) is forgotten at once and named in `removed.msgpack`,
-so the next start deletes it (or skips it) instead of serving it again (see DiskTier.remove).
+file fails its checksum on read: it is reported as a miss and deleted, never returned. A removed (or
+corrupt) entry whose file cannot be deleted (EACCES, EPERM, EIO) is forgotten at once and named in
+`removed.msgpack`, so the next start deletes it (or skips it) instead of serving it again (see
+DiskTier.remove and DiskTier._forget).
 
 Reads land in a reusable BytePool (`read_pool_bytes`, touched at start and backed by huge pages) instead
 of fresh memory (which would cost a page fault per 4 KiB); the returned entry's tensors are a lease on
@@ -67,6 +68,7 @@ class DiskTier(Tier):
         # happened to lie, into 2 MiB pages 2.1-3.1 GiB/s (side by side, README KV store benchmark).
         self._reads = BytePool(read_pool_bytes, prefault=True, granule=BLOCK)
         self.corrupt = 0  # files found torn or corrupt (and deleted) since start
+        self.faults = 0  # I/O errors absorbed instead of raised: corrupt files that could not be deleted
         self._direct = bool(_O_DIRECT)  # cleared when the file system refuses O_DIRECT
         self._clock = 0  # last mtime given out: strictly increasing, so equal timestamps never tie
         self._removed: set[str] = set()  # removed, file not deleted: never indexed again (REMOVED_FILE)
@@ -246,16 +248,27 @@ class DiskTier(Tier):
         os.utime(path, ns=(self._clock, self._clock))
 
     def _forget(self, key: str, ino: int | None) -> None:
-        """Drop a missing or corrupt file, unless it was replaced by a fresh put meanwhile."""
+        """Drop a missing (`ino` None) or corrupt file, unless a fresh put replaced it meanwhile.
+
+        A corrupt file that cannot be deleted (EACCES, EPERM, EIO) is forgotten all the same and
+        recorded as remove() records one, so the get stays a miss instead of an OSError: it would
+        fail its checksum on every read. The record is not strict (unlike remove's): if it is not
+        saved either, a restart indexes the file again, and its next read finds it corrupt again,
+        never serves it. Counted in `faults`."""
         with self._index.lock:
             path = self.path(key)
             try:
-                if ino is None or os.stat(path).st_ino == ino:
-                    os.unlink(path)
+                if os.stat(path).st_ino != ino:
+                    return  # a put replaced the missing or corrupt file: that one is fresh
+                os.unlink(path)
             except FileNotFoundError:
                 pass
-            if not path.exists():
-                self._index.pop(key)
+            except OSError as e:
+                self.faults += 1
+                log.warning("disk tier %s: cannot delete corrupt entry %s (%s); forgotten", self.root, key, e)
+                self._removed.add(key)
+                self._save_removed(strict=False)
+            self._index.pop(key)
 
     def checksum_of(self, key: str) -> int | None:
         """The checksum of the file this tier wrote or read for `key` (None after a restart until the
