@@ -372,3 +372,40 @@ def test_a_get_that_found_the_file_gone_keeps_a_fresh_put_of_it(tmp_path):
     disk.fresh = tiny_entry(_key(1), seed=2)
     assert disk.get(_key(1)) is None  # what it read was gone
     assert torch.equal(disk.get(_key(1)).kv, tiny_entry(_key(1), seed=2).kv)
+
+
+def test_the_record_of_undeletable_removed_files_is_capped_oldest_first(tmp_path, monkeypatch):
+    """removed.msgpack grew by one key per removed file that could not be deleted, without end. It
+    holds at most MAX_REMOVED keys, newest last; past it the oldest record goes. Its file is tried
+    once more: one deletable by then goes with it (nothing lost); one still stuck is a fault, and a
+    restart indexes it again (the documented cost of the cap)."""
+    import pytest
+
+    from kvstore.keyfile import read_keys
+    from kvstore.tiers import disk as disk_module
+
+    monkeypatch.setattr(disk_module, "MAX_REMOVED", 2)
+    disk = DiskTier(tmp_path, 1 << 20)
+    keys = [_key(i) for i in (4, 3, 2, 1)]  # removed in this order: the record keeps it, not sorted
+    for k in keys:
+        disk.put(tiny_entry(k))
+    paths = [disk.path(k) for k in keys]
+    if not all(_chattr("+i", p) for p in paths):
+        for p in paths:
+            _chattr("-i", p)
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    record = tmp_path / disk_module.REMOVED_FILE
+    try:
+        disk.remove(keys[0])
+        disk.remove(keys[1])
+        assert read_keys(record) == keys[:2]
+        _chattr("-i", paths[0])  # the oldest's file can be deleted by now
+        disk.remove(keys[2])
+        assert read_keys(record) == keys[1:3] and not paths[0].exists() and disk.faults == 0
+        disk.remove(keys[3])  # the oldest record now is of a file still stuck
+        assert read_keys(record) == keys[2:] and paths[1].exists() and disk.faults == 1
+        assert disk.keys() == []  # this process serves none of them
+        assert DiskTier(tmp_path, 1 << 20).keys() == [keys[1]]  # the next start indexes that one
+    finally:
+        for p in paths:
+            _chattr("-i", p)
