@@ -564,6 +564,40 @@ def test_a_key_removed_while_redis_stalls_is_not_served_from_redis_later(own_red
     store.close()
 
 
+def test_a_remove_waiting_on_redis_holds_up_no_put_and_a_put_meanwhile_lands_after_it(own_redis_paused):
+    """remove() held the top tier's lock across its Redis DEL: while Redis was slow to answer (here
+    stalled), every put waited for it, up to redis_timeout_s. It lets go of it before the DEL, and a
+    put of the same key meanwhile is written to Redis only after the DEL (it holds that tier's lock),
+    so the new version stays there: a put after the remove."""
+    pause, resume, url = own_redis_paused
+    redis_tier = _Redis(url, 1 << 20, "kvfuse-test-remove:", timeout_s=30)
+    config = StoreConfig(write_through=True, redis_timeout_s=30)
+    store = TieredStore(config, tiers=[HostTier(4 * ENTRY_BYTES), redis_tier])
+    k = hex_key(1)
+    redis_tier.put(tiny_entry(k, seed=1))  # as another engine left it
+    at_redis = threading.Event()
+    redis_tier.before_remove[k] = at_redis.set
+    pause()
+    try:
+        remover = threading.Thread(target=store.remove, args=(k,), daemon=True)
+        remover.start()
+        assert at_redis.wait(10)  # the remove's DEL is on its way to the stalled Redis
+        putter = threading.Thread(
+            target=lambda: (store.put(tiny_entry(k, seed=2)), store.put(tiny_entry(hex_key(2)))), daemon=True
+        )
+        putter.start()
+        putter.join(10)
+        put_while_stalled = not putter.is_alive() and remover.is_alive()
+    finally:
+        resume()
+    remover.join(10)
+    putter.join(10)
+    assert put_while_stalled and not remover.is_alive()
+    store.flush()
+    assert seed_of(store.get(k)) == 2 and seed_of(redis_tier.get(k)) == 2
+    store.close()
+
+
 # ---- f. a put keeps the key's shadow until Redis holds the new copy ------------------------------------
 
 
