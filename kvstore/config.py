@@ -37,8 +37,9 @@ class StoreConfig:
     Writing:
         write_behind: demotions and puts into disk/Redis happen on a worker thread; the caller never waits
             for them. The entry stays readable (from the pending map) until it is written.
-        write_queue: bound on queued slow writes (entries). When the queue is full the caller performs the
-            write itself (back-pressure): nothing is dropped and memory stays bounded.
+        write_queue: bound on queued slow writes (entries). When the queue is full the caller waits for
+            room (back-pressure): nothing is dropped and memory stays bounded (writing it itself could
+            overtake an older queued write of the same key).
         write_through: also copy every put to each slow tier in the background, so other processes sharing
             the disk folder or Redis see it at once instead of only after demotion.
         persist_on_close: `close()` copies entries held only in memory into the first slow tier, so a

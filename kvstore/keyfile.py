@@ -35,9 +35,10 @@ def read_keys(path: Path) -> list[str]:
 
 
 def write_keys(path: Path, keys: Iterable[str]) -> None:
-    """Replace the file with `keys` (write a temp file, then rename); remove it when there are none.
-    OSError when the folder refuses."""
-    keys = sorted(keys)
+    """Replace the file with `keys`, in the order given (the disk tier's removed keys: oldest first),
+    by writing a temp file, then renaming it; remove the file when there are none. OSError when the
+    folder refuses."""
+    keys = list(keys)
     if not keys:
         path.unlink(missing_ok=True)
         return

@@ -109,12 +109,13 @@ class TieredStore:
         # itself; undone afterwards, a get in between had promoted it into the top tier for good.
         self._inflight: str | None = None
         self._inflight_done = threading.Condition(self._pending_lock)
+        self._remove_lock = threading.Lock()  # removes and clears one at a time (see remove)
         # Puts per key bucket: a get that read a lower tier promotes only if no put of a key in the same
         # bucket happened meanwhile (it would copy an old version over the new one). Fixed size: a
         # collision only skips a promotion.
         self._put_stamps = [0] * _STAMP_BUCKETS
         # Removes per key bucket, changed at the start and at the end of each (removes run one at a
-        # time, under tier 0's lock: odd = one under way). A removal walks down the tiers, so while
+        # time, under `_remove_lock`: odd = one under way). A removal walks down the tiers, so while
         # it runs an older copy below may be all that is left; a get that read a lower tier while a
         # remove in its bucket ran or since it began serves nothing (a miss; a collision is a miss).
         self._remove_stamps = [0] * _STAMP_BUCKETS
@@ -671,27 +672,43 @@ class TieredStore:
     def remove(self, key: str) -> bool:
         """Forget `key` everywhere; True if any tier held it."""
         self._pinned.discard(key)
-        # All of it under tier 0's lock, which every put, promotion and eviction that may queue or
-        # place the key holds: none can queue the key again while the removal walks down the tiers
+        # Under tier 0's lock, which every put, promotion and eviction that may queue or place the
+        # key holds: none can queue the key again while the removal walks down the local tiers
         # (released between taking the queued write and removing the host copy, an eviction in
         # between queued it again). Only the worker runs meanwhile; it skips or undoes a write of a
-        # key no longer pending.
+        # key no longer pending. A networked last tier (Redis) is removed from with its own lock
+        # held instead, taken before tier 0's is let go: puts go on while a slow Redis answers the
+        # DEL, and a write of the key into that tier meanwhile (a put since) waits for the DEL to
+        # land after it, as a put after the remove. Removes (and clear) run one at a time
+        # (`_remove_lock`): the remove stamps' parity says whether one is under way.
         bucket = _bucket(key)
-        with self._locks[0]:
+        last = len(self.tiers) - 1
+        handover = last > 0 and self.tiers[last].networked
+        with self._remove_lock:
+            self._locks[0].acquire()
+            top_held = True
             self._remove_stamps[bucket] += 1  # odd: under way (gets serve no lower copy, see get)
             try:
                 with self._pending_lock:
                     removed = self._pending.pop(key, None) is not None
                     # a write of the key under way lands first (the worker never takes tier 0's lock)
                     self._inflight_done.wait_for(lambda: self._inflight != key)
-                for j in range(len(self.tiers)):
+                for j in range(last if handover else last + 1):
                     removed = self._remove_in(j, key) or removed
+                if handover:
+                    with self._locks[last]:
+                        self._put_stamps[bucket] += 1  # (see below) before tier 0's lock is let go
+                        self._locks[0].release()
+                        top_held = False
+                        removed = self._remove_in(last, key) or removed
             finally:
+                if top_held:
+                    # a get that read a lower copy before it was removed promotes (under tier 0's
+                    # lock) only once we let go: the put stamp, changed just before, stops it; a get
+                    # that began during the removal is stopped by the odd remove stamp
+                    self._put_stamps[bucket] += 1
+                    self._locks[0].release()
                 self._remove_stamps[bucket] += 1
-                # a get that read a lower copy before it was removed promotes (under this lock) only
-                # once we let go: the stamp, changed at the end, stops it (a get that began during
-                # the removal too; changed at the start, it did not)
-                self._put_stamps[bucket] += 1
         return removed
 
     def _remove_in(self, j: int, key: str) -> bool:
@@ -743,7 +760,7 @@ class TieredStore:
         order += [j for j, t in enumerate(self.tiers) if not t.networked]
         # like remove() for every key at once: under tier 0's lock, no get serves a lower copy while
         # the tiers are cleared (what is left below may be older), nor promotes one after
-        with self._locks[0]:
+        with self._remove_lock, self._locks[0]:
             self._bump_all(self._remove_stamps)  # odd: a removal under way in every bucket
             try:
                 for j in order:
@@ -913,6 +930,7 @@ class TieredStore:
             u = self._call(tier, tier.usage, default=None)
             with self._count_lock:
                 row: dict[str, Any] = dict(self._counts[tier.name])
+            row["faults"] += getattr(tier, "faults", 0)  # errors the tier absorbed (disk: see _forget)
             row.update(
                 entries=None if u is None else u.entries,
                 bytes=None if u is None else u.bytes,
@@ -943,7 +961,10 @@ def _release_frames(error: BaseException | None) -> None:
 
 
 _STAMP_BUCKETS = 4096
-_MAX_SHADOWED = 1 << 20  # keys (~100 MB at most); past it, an outage's older copies may come back
+# Keys, not bytes: key length is bounded (the store's own keys are 32 hex digits, the service's at most
+# 200 chars), so this bounds memory at ~130 MB with the former and ~300 MB with the latter (a set
+# entry measured with tracemalloc: 123 and 291 bytes); past it, an outage's older copies may come back
+_MAX_SHADOWED = 1 << 20
 
 
 def _bucket(key: str) -> int:

@@ -7,9 +7,11 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+from redis_keys import delete_prefix, keys_under, redis_test_prefix
 
 from engine.paths import data_dir
 
@@ -92,11 +94,18 @@ def redis_url():
 
 @pytest.fixture
 def redis_prefix(redis_url, request):
-    """A unique key prefix for one test; every key under it is deleted afterwards."""
+    """A unique key prefix for one test, free of glob syntax; every key under it is deleted afterwards.
+    Keys that appear under it during the cleanup (a writer the test left running, such as a server
+    torn down after this fixture) are a warning: failing there would fail the test at random."""
     import redis
 
-    prefix = f"kvfuse-test:{request.node.name}:{os.getpid()}:{time.monotonic_ns()}:"
+    prefix = redis_test_prefix(request.node.nodeid)
     yield prefix
     client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=prefix + "*", count=1000):
-        client.delete(key)
+    delete_prefix(client, prefix)
+    left = keys_under(client, prefix)
+    if left:
+        warnings.warn(
+            f"{len(left)} Redis keys appeared under {prefix!r} during cleanup: {left[:3]}", stacklevel=1
+        )
+        delete_prefix(client, prefix)

@@ -2,9 +2,10 @@
 
 Files live at `<root>/<key[:2]>/<key>.kvf`. At start the index is rebuilt from the folder (LRU order from
 modification times, which a hit refreshes), so a restart keeps every entry. A torn, truncated or corrupted
-file fails its checksum on read: it is reported as a miss and deleted, never returned. A removed entry
-whose file cannot be deleted (EACCES, EPERM, EIO) is forgotten at once and named in `removed.msgpack`,
-so the next start deletes it (or skips it) instead of serving it again (see DiskTier.remove).
+file fails its checksum on read: it is reported as a miss and deleted, never returned. A removed (or
+corrupt) entry whose file cannot be deleted (EACCES, EPERM, EIO) is forgotten at once and named in
+`removed.msgpack`, so the next start deletes it (or skips it) instead of serving it again (see
+DiskTier.remove and DiskTier._forget).
 
 Reads land in a reusable BytePool (`read_pool_bytes`, touched at start and backed by huge pages) instead
 of fresh memory (which would cost a page fault per 4 KiB); the returned entry's tensors are a lease on
@@ -39,6 +40,7 @@ log = logging.getLogger("kvfuse.disk")
 SUFFIX = ".kvf"
 TMP_PREFIX = ".tmp-"
 REMOVED_FILE = "removed.msgpack"  # keys removed whose files could not be deleted (see DiskTier.remove)
+MAX_REMOVED = 10_000  # keys REMOVED_FILE holds at most, the oldest dropped first (see _record_removed)
 BLOCK = 4096  # read buffers start on page boundaries (O_DIRECT needs it)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere 0: the "direct" reads are buffered
 
@@ -67,9 +69,13 @@ class DiskTier(Tier):
         # happened to lie, into 2 MiB pages 2.1-3.1 GiB/s (side by side, README KV store benchmark).
         self._reads = BytePool(read_pool_bytes, prefault=True, granule=BLOCK)
         self.corrupt = 0  # files found torn or corrupt (and deleted) since start
+        # I/O errors absorbed instead of raised: corrupt files that could not be deleted, and removed
+        # ones whose record was dropped at MAX_REMOVED (see _forget, _record_removed)
+        self.faults = 0
         self._direct = bool(_O_DIRECT)  # cleared when the file system refuses O_DIRECT
         self._clock = 0  # last mtime given out: strictly increasing, so equal timestamps never tie
-        self._removed: set[str] = set()  # removed, file not deleted: never indexed again (REMOVED_FILE)
+        # removed, file not deleted: never indexed again (REMOVED_FILE); oldest first, at most MAX_REMOVED
+        self._removed: dict[str, None] = {}
         self._rebuild()
 
     def path(self, key: str) -> Path:
@@ -127,7 +133,7 @@ class DiskTier(Tier):
                     raise
                 self._stamp(final)
                 if entry.key in self._removed:  # the file there is this entry now, not the removed one
-                    self._removed.discard(entry.key)
+                    del self._removed[entry.key]
                     self._save_removed(strict=False)  # if unsaved, the next start drops it: a miss
         except BaseException:
             with contextlib.suppress(OSError):
@@ -246,16 +252,27 @@ class DiskTier(Tier):
         os.utime(path, ns=(self._clock, self._clock))
 
     def _forget(self, key: str, ino: int | None) -> None:
-        """Drop a missing or corrupt file, unless it was replaced by a fresh put meanwhile."""
+        """Drop a missing (`ino` None) or corrupt file, unless a fresh put replaced it meanwhile.
+
+        A corrupt file that cannot be deleted (EACCES, EPERM, EIO) is forgotten all the same and
+        recorded as remove() records one, so the get stays a miss instead of an OSError: it would
+        fail its checksum on every read. The record is not strict (unlike remove's): if it is not
+        saved either, a restart indexes the file again, and its next read finds it corrupt again,
+        never serves it. Counted in `faults`."""
         with self._index.lock:
             path = self.path(key)
             try:
-                if ino is None or os.stat(path).st_ino == ino:
-                    os.unlink(path)
+                if os.stat(path).st_ino != ino:
+                    return  # a put replaced the missing or corrupt file: that one is fresh
+                os.unlink(path)
             except FileNotFoundError:
                 pass
-            if not path.exists():
-                self._index.pop(key)
+            except OSError as e:
+                self.faults += 1
+                log.warning("disk tier %s: cannot delete corrupt entry %s (%s); forgotten", self.root, key, e)
+                self._record_removed(key)
+                self._save_removed(strict=False)
+            self._index.pop(key)
 
     def checksum_of(self, key: str) -> int | None:
         """The checksum of the file this tier wrote or read for `key` (None after a restart until the
@@ -287,7 +304,7 @@ class DiskTier(Tier):
                     e,
                     REMOVED_FILE,
                 )
-                self._removed.add(key)
+                self._record_removed(key)
                 self._save_removed(strict=True)
             return item[1]
 
@@ -306,9 +323,38 @@ class DiskTier(Tier):
             except FileNotFoundError:
                 pass
             except (OSError, ValueError):
-                self._removed.add(key)
+                self._record_removed(key)
         if len(self._removed) < len(keys):
             self._save_removed(strict=False)  # still listed: deleted again (or found gone) next time
+
+    def _record_removed(self, key: str) -> None:
+        """Add `key` to the removed keys (newest last); past MAX_REMOVED, drop the oldest.
+
+        Why a cap: the record is held in memory and rewritten (and fsynced) whole on every change,
+        and on a disk whose deletions all fail (a failing or read-only device) it grew without end.
+        Dropping the oldest key, its file is tried once more: gone or deleted now, nothing is lost.
+        Still there, the restart guarantee weakens for that one entry: this process never serves it
+        (it is not indexed), but the next start indexes the file again and may serve that removed,
+        maybe older, version (for a corrupt file's key, harmless: its next read fails the checksum
+        again). That case counts in `faults` and is logged."""
+        self._removed[key] = None
+        while len(self._removed) > MAX_REMOVED:
+            oldest = next(iter(self._removed))
+            del self._removed[oldest]
+            try:
+                os.unlink(self.path(oldest))
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:
+                self.faults += 1
+                log.warning(
+                    "disk tier %s: more than %d removed entries whose files cannot be deleted; dropped "
+                    "the record of the oldest, %s (%s): the next start may serve it again",
+                    self.root,
+                    MAX_REMOVED,
+                    oldest,
+                    e,
+                )
 
     def _save_removed(self, strict: bool) -> None:
         """Write the removed keys to REMOVED_FILE. `strict`: raise when that fails, else log it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from redis_keys import glob_escape
 
 from kvstore import Entry, KVLayout
 
@@ -42,8 +43,9 @@ def assert_redis_consistent(tier) -> None:
 
     client = redis.Redis.from_url(tier.url)
     start = tier.prefix + "e:"
-    pattern = "".join("\\" + c if c in "[]*?\\" else c for c in start) + "*"
-    data = {k.decode()[len(start) :]: client.strlen(k) for k in client.scan_iter(match=pattern)}
+    data = {
+        k.decode()[len(start) :]: client.strlen(k) for k in client.scan_iter(match=glob_escape(start) + "*")
+    }
     assert sorted(data) == sorted(tier.keys())
     assert tier.usage().bytes == sum(data.values())
 

@@ -316,3 +316,96 @@ def test_a_store_restart_does_not_bring_back_an_entry_removed_while_its_file_was
         again.close()
     finally:
         _chattr("-i", path)
+
+
+def test_a_corrupt_file_that_cannot_be_deleted_is_a_miss_and_stays_forgotten(tmp_path):
+    """The corrupt file's unlink fails (the file is immutable: EPERM, even for root): the get raised
+    that PermissionError to its caller. It is a miss; the key is forgotten and recorded as a remove's
+    is (so the next start does not index the file, and deletes it once it can); the tier counts a
+    fault, and so does the store's stats."""
+    import pytest
+
+    from kvstore.tiers import HostTier
+
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    store = TieredStore(StoreConfig(write_behind=False), tiers=[HostTier(ENTRY_BYTES), disk])
+    k = _key(1)
+    store.put(tiny_entry(k, seed=1))
+    store.put(tiny_entry(_key(2)))  # k written down
+    path = disk.path(k)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    try:
+        assert disk.get(k) is None  # (raised PermissionError)
+        assert not disk.contains(k) and path.exists() and (disk.corrupt, disk.faults) == (1, 1)
+        assert store.get(k) is None and disk.corrupt == 1  # forgotten: not read again
+        assert store.stats()["tiers"]["disk"]["faults"] == 1
+        assert DiskTier(tmp_path / "disk", 1 << 20).keys() == []  # nor indexed by a restart
+    finally:
+        _chattr("-i", path)
+    store.close()  # persists the host tier's entry
+    assert DiskTier(tmp_path / "disk", 1 << 20).keys() == [_key(2)] and not path.exists()  # deleted now
+
+
+class _VanishingDisk(DiskTier):
+    """A disk tier whose next read finds the file gone, and a put of `fresh` landing right after."""
+
+    fresh: Entry | None = None
+
+    def _read(self, path):
+        if self.fresh is None:
+            return super()._read(path)
+        fresh, self.fresh = self.fresh, None
+        os.unlink(path)  # removed by hand (or another process) ...
+        self.put(fresh)  # ... and put again before the reader forgets it
+        raise FileNotFoundError(path)
+
+
+def test_a_get_that_found_the_file_gone_keeps_a_fresh_put_of_it(tmp_path):
+    """The read found no file, so the get forgets the key: it deleted the file a put had written
+    since (and the put's entry with it)."""
+    disk = _VanishingDisk(tmp_path, 1 << 20, read_pool_bytes=1 << 20)
+    disk.put(tiny_entry(_key(1), seed=1))
+    disk.fresh = tiny_entry(_key(1), seed=2)
+    assert disk.get(_key(1)) is None  # what it read was gone
+    assert torch.equal(disk.get(_key(1)).kv, tiny_entry(_key(1), seed=2).kv)
+
+
+def test_the_record_of_undeletable_removed_files_is_capped_oldest_first(tmp_path, monkeypatch):
+    """removed.msgpack grew by one key per removed file that could not be deleted, without end. It
+    holds at most MAX_REMOVED keys, newest last; past it the oldest record goes. Its file is tried
+    once more: one deletable by then goes with it (nothing lost); one still stuck is a fault, and a
+    restart indexes it again (the documented cost of the cap)."""
+    import pytest
+
+    from kvstore.keyfile import read_keys
+    from kvstore.tiers import disk as disk_module
+
+    monkeypatch.setattr(disk_module, "MAX_REMOVED", 2)
+    disk = DiskTier(tmp_path, 1 << 20)
+    keys = [_key(i) for i in (4, 3, 2, 1)]  # removed in this order: the record keeps it, not sorted
+    for k in keys:
+        disk.put(tiny_entry(k))
+    paths = [disk.path(k) for k in keys]
+    if not all(_chattr("+i", p) for p in paths):
+        for p in paths:
+            _chattr("-i", p)
+        pytest.skip("chattr +i refused here (needs root and ext2/3/4)")
+    record = tmp_path / disk_module.REMOVED_FILE
+    try:
+        disk.remove(keys[0])
+        disk.remove(keys[1])
+        assert read_keys(record) == keys[:2]
+        _chattr("-i", paths[0])  # the oldest's file can be deleted by now
+        disk.remove(keys[2])
+        assert read_keys(record) == keys[1:3] and not paths[0].exists() and disk.faults == 0
+        disk.remove(keys[3])  # the oldest record now is of a file still stuck
+        assert read_keys(record) == keys[2:] and paths[1].exists() and disk.faults == 1
+        assert disk.keys() == []  # this process serves none of them
+        assert DiskTier(tmp_path, 1 << 20).keys() == [keys[1]]  # the next start indexes that one
+    finally:
+        for p in paths:
+            _chattr("-i", p)

@@ -9,6 +9,7 @@ import pytest
 import redis
 import torch
 from kvstore_helpers import ENTRY_BYTES, assert_redis_consistent, start_redis, tiny_entry
+from redis_keys import delete_prefix, glob_escape, keys_under
 
 from kvstore import StoreConfig, TieredStore
 from kvstore.format import encoded_nbytes
@@ -198,3 +199,24 @@ def test_a_failed_set_leaves_no_uncounted_data_key(redis_url, redis_prefix, monk
         monkeypatch.undo()
         assert_redis_consistent(tier)
         assert tier.get(key) is None  # the older copy is not served in place of the failed one
+
+
+@pytest.mark.parametrize("tag", ["a-b", "x*y?", "[z]", "back\\slash"])
+def test_a_parametrized_test_leaves_no_keys_in_redis(redis_url, redis_prefix, request, tag):
+    """A parametrized test's name holds `[` and `]` (here also `*`, `?`, `\\`), glob syntax in SCAN
+    MATCH: the redis_prefix fixture built its cleanup pattern from the name, which matched none of
+    the test's keys, and they stayed in the shared Redis. The fixture's prefix is now free of glob
+    syntax (so are the tests' own patterns built from it), and the cleanup also escapes a prefix
+    that holds the name as it is."""
+    client = redis.Redis.from_url(redis_url)
+    as_named = f"kvfuse-test:{request.node.name}:{time.monotonic_ns()}:"  # the prefix as it was built
+    assert "[" in as_named and glob_escape(redis_prefix) == redis_prefix
+    for prefix in (redis_prefix, as_named):
+        try:
+            RedisTier(redis_url, 10 * SIZE, prefix=prefix).put(tiny_entry(_key(0)))
+            assert keys_under(client, prefix)  # the entry and the tier's index keys
+            delete_prefix(client, prefix)
+            assert keys_under(client, prefix) == []
+        finally:
+            for key in keys_under(client, prefix):
+                client.delete(key)

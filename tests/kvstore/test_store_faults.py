@@ -254,24 +254,27 @@ def test_a_disk_read_error_is_a_miss_not_the_older_redis_copy(tmp_path, redis_ur
 
 def test_close_with_the_disk_down_leaves_no_older_copy_for_the_restart(tmp_path):
     """Version 1 on disk, version 2 in memory only, the disk marked down by a write error: close cannot
-    persist version 2, and must remove version 1 (it was kept and served after the restart)."""
+    persist version 2, and must remove version 1 (it was kept and served after the restart).
+
+    The top tier keeps its tensors (no pool): with a pooled host tier each put waited `lease_wait_s`
+    for the worker to free the block of the entry it had just queued, and when the worker was slower
+    than that (a loaded machine) it evicted one entry more, so faulty was written down early, its
+    failing write never came and the disk was never marked down. Here nothing waits on the worker."""
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
-    store = TieredStore(
-        StoreConfig(lease_wait_s=0.01, redis_retry_s=DOWN_S), tiers=[HostTier(2 * ENTRY_BYTES), disk]
-    )
+    store = TieredStore(StoreConfig(redis_retry_s=DOWN_S), tiers=[MemoryTier(2 * ENTRY_BYTES), disk])
     k, faulty = hex_key(1), hex_key(2)
     store.put(tiny_entry(k, seed=1))
     store.put(tiny_entry(faulty))
     store.put(tiny_entry(hex_key(3)))  # version 1 written down
     store.flush()
-    assert seed_of(disk.get(k)) == 1
+    assert seed_of(disk.get(k)) == 1 and not disk.contains(faulty)
     disk.fail.add(faulty)
     store.put(tiny_entry(k, seed=2))  # faulty evicted: its write fails, the disk is marked down
     store.flush()
-    assert not store.health()["tiers"]["disk"]["ok"]
+    assert not disk.fail and not store.health()["tiers"]["disk"]["ok"]  # down for DOWN_S: all of close
     store.close()
     again = DiskTier(tmp_path / "disk", _disk_entries(100), read_pool_bytes=1 << 20)
-    assert seed_of(again.get(k)) in (None, 2)
+    assert not again.contains(k)  # version 2 could not be written, and version 1 went
 
 
 # ---- d. a second close waits for the first ----------------------------------------------------------
@@ -561,6 +564,40 @@ def test_a_key_removed_while_redis_stalls_is_not_served_from_redis_later(own_red
     store.close()
 
 
+def test_a_remove_waiting_on_redis_holds_up_no_put_and_a_put_meanwhile_lands_after_it(own_redis_paused):
+    """remove() held the top tier's lock across its Redis DEL: while Redis was slow to answer (here
+    stalled), every put waited for it, up to redis_timeout_s. It lets go of it before the DEL, and a
+    put of the same key meanwhile is written to Redis only after the DEL (it holds that tier's lock),
+    so the new version stays there: a put after the remove."""
+    pause, resume, url = own_redis_paused
+    redis_tier = _Redis(url, 1 << 20, "kvfuse-test-remove:", timeout_s=30)
+    config = StoreConfig(write_through=True, redis_timeout_s=30)
+    store = TieredStore(config, tiers=[HostTier(4 * ENTRY_BYTES), redis_tier])
+    k = hex_key(1)
+    redis_tier.put(tiny_entry(k, seed=1))  # as another engine left it
+    at_redis = threading.Event()
+    redis_tier.before_remove[k] = at_redis.set
+    pause()
+    try:
+        remover = threading.Thread(target=store.remove, args=(k,), daemon=True)
+        remover.start()
+        assert at_redis.wait(10)  # the remove's DEL is on its way to the stalled Redis
+        putter = threading.Thread(
+            target=lambda: (store.put(tiny_entry(k, seed=2)), store.put(tiny_entry(hex_key(2)))), daemon=True
+        )
+        putter.start()
+        putter.join(10)
+        put_while_stalled = not putter.is_alive() and remover.is_alive()
+    finally:
+        resume()
+    remover.join(10)
+    putter.join(10)
+    assert put_while_stalled and not remover.is_alive()
+    store.flush()
+    assert seed_of(store.get(k)) == 2 and seed_of(redis_tier.get(k)) == 2
+    store.close()
+
+
 # ---- f. a put keeps the key's shadow until Redis holds the new copy ------------------------------------
 
 
@@ -632,11 +669,15 @@ def test_a_write_queued_while_the_disk_was_down_never_lands_below_an_older_one(
 ):
     """k's version 1 is queued for the disk; the disk is marked down; version 2 is evicted and was
     queued for Redis (skipping the disk); the disk comes back before the worker reaches version 1,
-    which then landed on disk, above version 2 in Redis."""
+    which then landed on disk, above version 2 in Redis.
+
+    The disk stays down until the test ends the outage (its retry time is moved to now, as if
+    redis_retry_s had passed): with a 1 s retry time on a loaded machine the disk could come back
+    before version 2 was evicted (the race was then not tested) or before the test checked it was
+    down (a failure)."""
     disk = _Disk(tmp_path / "disk", _disk_entries(100))
     redis_tier = _Redis(redis_url, 1 << 20, redis_prefix)
-    config = StoreConfig(lease_wait_s=0.01, redis_retry_s=1.0)
-    store = TieredStore(config, tiers=[_memory(), disk, redis_tier])
+    store = TieredStore(StoreConfig(redis_retry_s=DOWN_S), tiers=[_memory(), disk, redis_tier])
     faulty, held, k = hex_key(1), hex_key(2), hex_key(3)
     disk.gate(faulty)
     disk.fail.add(faulty)
@@ -646,18 +687,24 @@ def test_a_write_queued_while_the_disk_was_down_never_lands_below_an_older_one(
     assert disk.entered[faulty].wait(10)
     store.put(tiny_entry(k, seed=1))  # held queued for the disk
     store.put(tiny_entry(hex_key(4)))  # k's version 1 queued for the disk
-    disk.release[faulty].set()  # faulty's write fails: the disk is marked down for 1 s
+    disk.release[faulty].set()  # faulty's write fails: the disk is marked down
     assert redis_tier.entered[held].wait(10)  # the worker writes held to Redis instead, and waits
     assert not store._usable(disk)
     store.put(tiny_entry(k, seed=2))
     store.put(tiny_entry(hex_key(5)))  # version 2 evicted while the disk is down
-    deadline = time.monotonic() + 10
-    while not store._usable(disk) and time.monotonic() < deadline:  # the disk's retry time passes
-        time.sleep(0.05)
+    _retry_time_passes(store, disk)
+    assert store._usable(disk)
     redis_tier.release[held].set()
     store.flush()
     assert seed_of(store.get(k)) == 2
     store.close()
+
+
+def _retry_time_passes(store: TieredStore, tier) -> None:
+    """The retry time of a tier marked down is reached now (as once redis_retry_s has passed): the
+    next call tries it again."""
+    _, error = store._down[tier.name]
+    store._down[tier.name] = (time.monotonic(), error)
 
 
 # ---- cachestat: a call that fails for good is not repeated on every read ------------------------------
