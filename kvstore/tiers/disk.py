@@ -262,9 +262,18 @@ class DiskTier(Tier):
         with self._index.lock:
             path = self.path(key)
             try:
-                if os.stat(path).st_ino != ino:
-                    return  # a put replaced the missing or corrupt file: that one is fresh
-                os.unlink(path)
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            except OSError:
+                # the file cannot even be looked at (EIO): it may be a fresh put's, which a record
+                # would hide until it is removed; keep the index entry, the next read decides
+                return
+            if current is not None and current != ino:
+                return  # a put replaced the missing or corrupt file: that one is fresh
+            try:
+                if current is not None:
+                    os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as e:
