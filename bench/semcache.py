@@ -59,7 +59,7 @@ from semcache.fit import (  # noqa: E402
     load_pairs,
     split_pairs,
 )
-from semcache.verify import Verifier, weights_metadata  # noqa: E402
+from semcache.verify import DEFAULT_WEIGHTS, Verifier, weights_metadata  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 TARGETS = np.round(np.arange(0.70, 0.97, 0.01), 2)
@@ -99,7 +99,9 @@ def _lowest(cos, y, target) -> float:
     return float(cos[order][ok.max()]) if ok.size else 1.01
 
 
-def quality(train: list[dict], test: list[dict], vec_of: dict, embedder: Embedder) -> dict:
+def quality(
+    train: list[dict], test: list[dict], vec_of: dict, embedder: Embedder, verifier_path: Path | None = None
+) -> dict:
     cats = CategorySet()
     questions, labels = load_examples(default_examples())
     clf = CentroidClassifier.fit(embedder.embed(questions), labels)
@@ -109,7 +111,8 @@ def quality(train: list[dict], test: list[dict], vec_of: dict, embedder: Embedde
     ca_tr, cb_tr = categories_of(train, vec_of, clf, cats, min_score)
     ca_te, cb_te = categories_of(test, vec_of, clf, cats, min_score)
     same_te = ca_te == cb_te
-    verifier = Verifier.load()
+    weights = verifier_path or DEFAULT_WEIGHTS
+    verifier = Verifier.load(weights)
     above = np.nonzero(cos_te >= VERIFIER_FLOOR)[0]
     q, c, U, V, _ = columns([test[i] for i in above], vec_of)
     t0 = time.perf_counter()
@@ -127,7 +130,7 @@ def quality(train: list[dict], test: list[dict], vec_of: dict, embedder: Embedde
         curves["verifier"].append((float(cut), *pr((cos_te >= VERIFIER_FLOOR) & (p_te >= cut), yte)))
     # The curves' best point picks its cut on the held-out pairs themselves; the operating cut was
     # chosen on the training side's validation part (semcache/fit.py) and is the honest number.
-    validation = json.loads(weights_metadata().get("validation", "null") or "null")
+    validation = json.loads(weights_metadata(weights).get("validation", "null") or "null")
     operating = None
     if validation and "operating_cut" in validation:
         cut = float(validation["operating_cut"])
@@ -209,6 +212,7 @@ def latency(
     redis_url: str,
     n_queries: int,
     n_e2e: int,
+    verifier_path: Path | None = None,
 ) -> dict:
     load_before = os.getloadavg()  # the shared machine: every latency is read with its load
     real = np.stack([vec_of[t] for t in entries[:size]])
@@ -216,7 +220,13 @@ def latency(
     texts = entries[:size] + [f"synthetic question {i}?" for i in range(size - len(real))]
     answer = "A cached answer of about half a kilobyte. " * 12
     prefix = f"kvfuse-bench:semcache:{os.getpid()}:{size}:"
-    cfg = SemcacheConfig(redis_url=redis_url, redis_prefix=prefix, folder=None, classifier_examples=None)
+    cfg = SemcacheConfig(
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        folder=None,
+        classifier_examples=None,
+        verifier_path=str(verifier_path) if verifier_path else None,
+    )
     cache = SemanticCache(cfg, embedder=embedder)
     try:
         t0 = time.perf_counter()
@@ -468,6 +478,7 @@ def main() -> None:
     ap.add_argument("--llm-ms", type=float, help="time of a full LLM answer (default: measured, 64 tokens)")
     ap.add_argument("--plot", type=Path, default=OUT / "semcache.png")
     ap.add_argument("--latency-only", action="store_true", help="skip the quality part (minutes)")
+    ap.add_argument("--verifier", type=Path, help="verifier weights (default: the package's)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -488,14 +499,17 @@ def main() -> None:
     n_queries, n_e2e = (500, 100) if args.quick else (2000, 500)
     embedder = Embedder()
     vec_of = embed_cached(embedder, [t for p in pairs for t in (p["text_a"], p["text_b"])])
-    q = None if args.latency_only else quality(train, test, vec_of, embedder)
+    q = None if args.latency_only else quality(train, test, vec_of, embedder, args.verifier)
     rng = np.random.default_rng(0)
     queries = sorted({p["text_b"] for p in test})
     rng.shuffle(queries)
     queries = queries[: n_queries + n_e2e]
     entries = sorted(set(vec_of) - set(queries))  # the asked questions themselves are never cached
     rng.shuffle(entries)
-    lat = [latency(n, entries, vec_of, queries, embedder, args.redis, n_queries, n_e2e) for n in sizes]
+    lat = [
+        latency(n, entries, vec_of, queries, embedder, args.redis, n_queries, n_e2e, args.verifier)
+        for n in sizes
+    ]
     rtt = round_trip_after_pause(args.redis)
     emb = embedding_speed(embedder, queries)
     t_llm = args.llm_ms or llm_ms(64)
@@ -508,6 +522,7 @@ def main() -> None:
         "quick": args.quick,
         "pairs": len(pairs),
         "torch_threads": args.threads,
+        "verifier": str(args.verifier or DEFAULT_WEIGHTS),
         "quality": {k: v for k, v in q.items() if k != "curves"} if q else None,
         "latency": lat,
         "redis_round_trip_after_pause_ms_p50_p99": rtt,

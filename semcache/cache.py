@@ -338,21 +338,19 @@ class SemanticCache:
         if self.verifier is None:
             self._serve(scope, *live[0], result)
             return
-        # All live candidates in one batch: features from their texts and the stored embeddings (the
-        # document carries its question's vector), no model pass; the most similar that passes wins.
+        # One candidate at a time, most similar first, stopping at the first that passes: the same
+        # outcome as verifying all live candidates in one batch, at less cost, since the first one
+        # usually decides (README, Semantic cache: 0.67 vs 0.98 ms mean per verified lookup at 100k).
         tv = time.perf_counter()
-        p = self.verifier.p_same_many(
-            [question] * len(live), [d.question for d, _ in live], np.stack([vec] * len(live)),
-            np.stack([d.vector for d, _ in live]),
-        )  # fmt: skip
-        result.timings_ms["verify"] = (time.perf_counter() - tv) * 1e3
-        for (doc, sim), p_same in zip(live, p, strict=True):
-            result.p_same = float(p_same)
-            if p_same >= self.verifier.cut:
+        for doc, sim in live:
+            result.p_same = self.verifier.p_same(question, doc.question, vec, doc.vector)
+            if result.p_same >= self.verifier.cut:
+                result.timings_ms["verify"] = (time.perf_counter() - tv) * 1e3
                 self._serve(scope, doc, sim, result)
                 return
             self.metrics.count(scope.category, "rejected_by_verifier")
             result.reason = "refused by the verifier"
+        result.timings_ms["verify"] = (time.perf_counter() - tv) * 1e3
 
     def _serve(self, scope: Scope, doc: Entry, sim: float, result: LookupResult) -> None:
         self.ledger.touch(scope, doc.id)

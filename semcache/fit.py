@@ -162,11 +162,15 @@ def _fit_nets(X: np.ndarray, y: np.ndarray, params, seeds: tuple[int, ...]) -> l
     return [fit_mlp(X, y, params, seed) for seed in seeds]
 
 
-def _features(pairs: list[dict], vec_of: dict[str, np.ndarray], rows: np.ndarray, idf) -> np.ndarray:
+def _features(
+    pairs: list[dict], vec_of: dict[str, np.ndarray], rows: np.ndarray, idf, extra: np.ndarray | None = None
+) -> np.ndarray:
+    """The word features of `pairs[rows]`, and `extra[rows]` (the pair model's logit) as a last column."""
     from semcache.pair_features import features_many
 
     q, c, U, V, _ = columns([pairs[i] for i in rows], vec_of)
-    return features_many(q, c, np.einsum("ij,ij->i", U, V), idf)
+    X = features_many(q, c, np.einsum("ij,ij->i", U, V), idf)
+    return X if extra is None else np.concatenate([X, extra[rows, None].astype(np.float32)], axis=1)
 
 
 def _texts(pairs: list[dict], rows: np.ndarray) -> list[str]:
@@ -181,9 +185,11 @@ def validate(
     train_floor: float = TRAIN_FLOOR,
     folds: int = VALIDATION_FOLDS,
     log=print,
+    extra: np.ndarray | None = None,
 ) -> dict:
     """Out-of-fold P(same) on the training pairs above VERIFY_FLOOR; precision at MIN_RECALL pooled
-    and per fold. No prediction comes from networks (or an IDF table) that saw the pair's component."""
+    and per fold. No prediction comes from networks (or an IDF table) that saw the pair's component.
+    `extra`: one more input per training pair (an out-of-fold pair-model logit, semcache/fit_pair.py)."""
     from semcache.pair_features import IdfTable
     from semcache.verify import Verifier, apply_rules
 
@@ -197,9 +203,9 @@ def validate(
         fit_rows = np.nonzero((fold != f) & (cos >= train_floor))[0]
         test_rows = np.nonzero((fold == f) & (cos >= VERIFY_FLOOR))[0]
         idf = IdfTable.from_texts(_texts(train, np.nonzero(fold != f)[0]))
-        nets = _fit_nets(_features(train, vec_of, fit_rows, idf), y[fit_rows], params, seeds)
+        nets = _fit_nets(_features(train, vec_of, fit_rows, idf, extra), y[fit_rows], params, seeds)
         q, c = [train[i]["text_b"] for i in test_rows], [train[i]["text_a"] for i in test_rows]
-        p = Verifier(nets, idf).probability(_features(train, vec_of, test_rows, idf))
+        p = Verifier.probability_of(nets, _features(train, vec_of, test_rows, idf, extra))
         oof[test_rows] = apply_rules(p, q, c)
         best = precision_at_recall(oof[test_rows], y[test_rows], int(y[fold == f].sum()), MIN_RECALL)
         per_fold.append(best["precision"] if best else None)

@@ -16,6 +16,7 @@ class SemcacheSettings(BaseSettings):
     folder: str | None = AUTO
     classifier_examples: str | None = AUTO
     verify: bool = True
+    verifier_path: str | None = None  # other verifier weights, e.g. the pair model's (semcache/fit_pair.py)
     verifier_cut: float | None = None
     max_body_bytes: int = 512 * 1024  # a request larger than this is refused with 413 before parsing
     max_scopes: int = 10_000  # (tenant, model, category) indexes held at once; past it inserts are refused
@@ -28,6 +29,7 @@ class SemcacheSettings(BaseSettings):
             folder=self.folder or None,
             classifier_examples=self.classifier_examples or None,
             verify=self.verify,
+            verifier_path=self.verifier_path or None,
             verifier_cut=self.verifier_cut,
             max_scopes=self.max_scopes,
         )

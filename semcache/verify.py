@@ -16,11 +16,15 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from semcache.mlp import Mlp
 from semcache.pair_features import FEATURES, IdfTable, features_many, wordlist, words
+
+if TYPE_CHECKING:
+    from semcache.pair_model import PairModel
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("verifier.safetensors")
 # Words whose swap flips the question ("sort ascending" vs "sort descending"). On QQP this rule fires
@@ -65,29 +69,40 @@ def apply_rules(p: np.ndarray, queries: list[str], cached: list[str]) -> np.ndar
 
 @dataclass
 class Verifier:
-    """The average logit of `nets` over the pair features, as P(same meaning)."""
+    """The average logit of `nets` over the pair features (and the pair model's logit), as P(same)."""
 
     nets: list[Mlp]
     idf: IdfTable
     cut: float = 0.5  # P(same meaning) a candidate needs; chosen on validation (semcache/fit.py)
     metadata: dict[str, str] = field(default_factory=dict)  # the fit's record, as stored
+    # Optional: a cross-encoder reading both questions (semcache/pair_model.py); its logit is the
+    # networks' last input. 52-58 ms p50 per verified lookup at load 7-9 (word features: ~0.6 ms).
+    pair: PairModel | None = None
 
     def __post_init__(self) -> None:
         if not self.nets:
             raise ValueError("a verifier needs at least one network")
+        n = len(FEATURES) + (self.pair is not None)
         for net in self.nets:
-            if net.n_features != len(FEATURES):
-                raise ValueError(f"a network takes {net.n_features} features, this code has {len(FEATURES)}")
+            if net.n_features != n:
+                raise ValueError(f"a network takes {net.n_features} features, this verifier gives {n}")
         if not 0.0 <= self.cut <= 1.0:
             raise ValueError(f"verifier cut must be in [0, 1], got {self.cut}")
 
-    def probability(self, X: np.ndarray) -> np.ndarray:
-        logit = np.mean([net.logits(X) for net in self.nets], axis=0)
+    @staticmethod
+    def probability_of(nets: list[Mlp], X: np.ndarray) -> np.ndarray:
+        logit = np.mean([net.logits(X) for net in nets], axis=0)
         return 1.0 / (1.0 + np.exp(-logit))
+
+    def probability(self, X: np.ndarray) -> np.ndarray:
+        return self.probability_of(self.nets, X)
 
     def features(self, queries: list[str], cached: list[str], U: np.ndarray, V: np.ndarray) -> np.ndarray:
         cos = np.einsum("ij,ij->i", np.atleast_2d(U), np.atleast_2d(V))
-        return features_many(queries, cached, cos, self.idf)
+        X = features_many(queries, cached, cos, self.idf)
+        if self.pair is None:
+            return X
+        return np.concatenate([X, self.pair.logits(cached, queries)[:, None]], axis=1)
 
     def p_same_many(self, queries: list[str], cached: list[str], U: np.ndarray, V: np.ndarray) -> np.ndarray:
         """P(same meaning) of each (query, cached question) pair, from their texts and unit embeddings."""
@@ -105,6 +120,8 @@ class Verifier:
         tensors: dict[str, np.ndarray] = {}
         for i, net in enumerate(self.nets):
             tensors.update(net.tensors(f"net{i}."))
+        if self.pair is not None:
+            tensors.update(self.pair.trained_tensors())
         meta = {
             "cut": repr(self.cut),
             "features": json.dumps(list(FEATURES)),
@@ -136,9 +153,21 @@ class Verifier:
             idf = IdfTable(
                 {str(k): float(v) for k, v in json.loads(meta["idf"]).items()}, float(meta["idf_unseen"])
             )
-            return cls(nets, idf, float(meta["cut"]), meta)
+            return cls(nets, idf, float(meta["cut"]), meta, _pair_of(t))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
             raise ValueError(f"verifier weights {path} are unreadable: {exc}") from exc
+
+
+def _pair_of(tensors: dict[str, np.ndarray]) -> PairModel | None:
+    """The pair model stored with the networks, if any (torch and transformers load only then)."""
+    from semcache.pair_model import PREFIX, PairModel
+
+    mine = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    if not mine:
+        return None
+    model = PairModel()
+    model.load_trained(mine)
+    return model
 
 
 def weights_metadata(path: str | Path = DEFAULT_WEIGHTS) -> dict[str, str]:
