@@ -220,6 +220,21 @@ def load_results(paths: list[Path]) -> dict[str, dict]:
     return merged
 
 
+def pending(key: str, methods: list[str], paths: list[Path]) -> list[str]:
+    """The methods no line of these files holds for the item yet. Read afresh before every item, so two
+    processes on one item list (one --reverse, each with the other's --out in --merge) stop where they
+    meet instead of running each other's items again."""
+    for attempt in range(5):
+        try:
+            have = load_results(paths).get(key, {}).get("methods", {})
+            break
+        except json.JSONDecodeError:  # the other process is appending a line right now
+            if attempt == 4:
+                raise
+            time.sleep(1)
+    return [m for m in methods if m not in have]
+
+
 def ref_path(out: Path, key: str) -> Path:
     return out.with_suffix("").parent / f"{out.with_suffix('').name}_ref" / f"{key}.safetensors"
 
@@ -534,8 +549,18 @@ def main() -> None:
             fusers["host"].fuse(warm, m)
         t_start, tokens = time.perf_counter(), 0
         for n, item in enumerate(todo):
-            have = done.get(item["key"], {}).get("methods", {})
-            methods = [m for m in args.methods if m not in have]
+            methods = (
+                pending(item["key"], args.methods, [out, *map(Path, args.merge)])
+                if args.resume
+                else list(args.methods)
+            )
+            if not methods:  # another process (its --out among --merge) did this item meanwhile
+                print(
+                    f"[{n + 1}/{len(todo)}] {item['key']} done elsewhere, skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
             refs = [ref_path(Path(o), item["key"]) for o in [args.out, *args.merge]]
             if "full_prefill" not in methods and not any(r.exists() for r in refs) and not args.no_reference:
                 # the reference every other method is scored against (its logits were not kept)

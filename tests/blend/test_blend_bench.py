@@ -113,3 +113,14 @@ def test_the_probe_swapped_ape_is_parallel_encoding_at_t_s_one_and_tempers_the_o
     )
     assert (ape - plain).abs().max() > 1e-3 and (swapped - plain).abs().max() > 1e-3
     assert (ape - swapped).abs().max() > 1e-3
+
+
+def test_pending_reads_the_files_afresh_so_two_processes_stop_where_they_meet(bench, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    methods = ["full_prefill", "ape"]
+    assert bench.pending("nq-3", methods, [a, b]) == methods  # neither file exists yet
+    a.write_text(json.dumps({"key": "nq-3", "dataset": "nq", "tokens": 9, "methods": {"ape": {}}}) + "\n")
+    assert bench.pending("nq-3", methods, [a, b]) == ["full_prefill"]
+    b.write_text(json.dumps({"key": "nq-3", "dataset": "nq", "tokens": 9, "methods": {"full_prefill": {}}}))
+    assert bench.pending("nq-3", methods, [a, b]) == []
+    assert bench.pending("nq-4", methods, [a, b]) == methods
