@@ -44,6 +44,7 @@ from retrieval.tasks import FACTS, fact_stream, needle, passages, passkey
 EVERY_STEP = 2.0  # a tau above 1: retrieve at every step
 FOLLOW = 4  # LouisKVConfig.follow of the "follow" variants
 PARTS = ("accuracy", "long_output", "rekv")
+TASKS = ("passkey", "needle")
 
 
 @dataclass
@@ -64,11 +65,14 @@ class BenchConfig:
     results: str | None = None  # JSONL file of per-probe accuracy rows (appended; resumes)
     stop_at: float | None = None  # unix time after which no new accuracy probe is started
     methods: tuple[str, ...] | None = None  # accuracy variants to run (names of `_variants`); None: all
+    tasks: tuple[str, ...] = TASKS  # accuracy probes to run
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
             raise ValueError(f"BenchConfig.parts must be a non-empty subset of {PARTS}, got {self.parts!r}")
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            raise ValueError(f"BenchConfig.tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
         if self.methods is not None:
             names = [name for name, _ in _variants(self, every=True)]
             bad = [m for m in self.methods if m not in names]
@@ -161,7 +165,7 @@ def accuracy(engine: Engine, cfg: BenchConfig, texts: list[str]) -> list[dict[st
     for length in cfg.lengths:
         for seed in cfg.seeds:
             for depth in cfg.depths:
-                for task in ("passkey", "needle"):
+                for task in cfg.tasks:
                     if (task, length, depth, seed) in done:
                         continue
                     if cfg.stop_at is not None and time.time() > cfg.stop_at:

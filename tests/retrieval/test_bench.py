@@ -51,6 +51,8 @@ def test_methods_pick_variants_and_unknown_names_are_refused():
     assert [name for name, _ in _variants(cfg)] == ["louiskv-step-follow-512", "every-step-512"]
     with pytest.raises(ValueError, match="louiskv-step-follow-256"):
         BenchConfig(budgets=(512,), methods=("louiskv-step-follow-256",))
+    with pytest.raises(ValueError, match="tasks"):
+        BenchConfig(tasks=("haystack",))
 
 
 def test_done_probes_are_skipped_and_a_past_stop_time_starts_none(tmp_path):
@@ -63,6 +65,11 @@ def test_done_probes_are_skipped_and_a_past_stop_time_starts_none(tmp_path):
         lengths=(1024,), depths=(0.5,), seeds=(0, 1), results=str(path), stop_at=time.time() - 1
     )
     assert accuracy(None, later, []) == rows
+    # Only the passkeys asked for: the needle (not done) is not run (the model would be needed).
+    passkeys = rows[:2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in passkeys))
+    only = BenchConfig(lengths=(1024,), depths=(0.5,), seeds=(0,), results=str(path), tasks=("passkey",))
+    assert accuracy(None, only, []) == passkeys
 
 
 def test_summary_counts_paired_wins_and_losses():
