@@ -76,12 +76,19 @@ class RetrievalStats:
         """Share of steps on which any layer retrieved."""
         return self.retrieval_steps / self.steps if self.steps else 0.0
 
+    @property
+    def step_retrieval_rate_after_first(self) -> float:
+        """Share of steps after the first on which any layer retrieved."""
+        later = self.retrieval_steps - (self.first_retrievals > 0)
+        return later / (self.steps - 1) if self.steps > 1 else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(
             retrieval_rate=self.retrieval_rate,
             retrieval_rate_after_first=self.retrieval_rate_after_first,
             step_retrieval_rate=self.step_retrieval_rate,
+            step_retrieval_rate_after_first=self.step_retrieval_rate_after_first,
         )
         return out
 

@@ -3,7 +3,8 @@
 Everything is measured side by side in one run against the same model with its full cache:
 - passkey and needle (in MuSiQue passages) accuracy per input length and LouisKV budget, plus LouisKV
   retrieving at every step and with the short-answer taus of either trigger (`ANSWER_TAU` adjacent,
-  `ANCHOR_TAU` anchor) at the middle budget; every method decodes from the same full prefill of a
+  `ANCHOR_TAU` anchor) and the step-level trigger (`STEP_TAU`) at the middle budget, each with and
+  without `follow` (`methods` picks a subset); every method decodes from the same full prefill of a
   probe, and the LouisKV variants read the prompt units the first one put in the store (identical: the
   clustering depends on neither budget nor tau). With
   `results`, each probe's rows are appended to a JSONL file as soon as it is done, probes already there
@@ -28,13 +29,22 @@ from engine.chat import build_chat
 from engine.runner import Engine
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
-from retrieval.louiskv import ANCHOR_TAU, ANSWER_TAU, LouisKV, LouisKVConfig
+from retrieval.louiskv import (
+    ANCHOR_TAU,
+    ANSWER_TAU,
+    STEP_LAYERS,
+    STEP_TAU,
+    STEP_TRIGGER,
+    LouisKV,
+    LouisKVConfig,
+)
 from retrieval.rekv import ReKV, ReKVConfig
 from retrieval.tasks import FACTS, fact_stream, needle, passages, passkey
 
 EVERY_STEP = 2.0  # a tau above 1: retrieve at every step
 FOLLOW = 4  # LouisKVConfig.follow of the "follow" variants
 PARTS = ("accuracy", "long_output", "rekv")
+TASKS = ("passkey", "needle")
 
 
 @dataclass
@@ -54,11 +64,20 @@ class BenchConfig:
     parts: tuple[str, ...] = PARTS  # which measurements to run (the plot needs all of them)
     results: str | None = None  # JSONL file of per-probe accuracy rows (appended; resumes)
     stop_at: float | None = None  # unix time after which no new accuracy probe is started
+    methods: tuple[str, ...] | None = None  # accuracy variants to run (names of `_variants`); None: all
+    tasks: tuple[str, ...] = TASKS  # accuracy probes to run
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
             raise ValueError(f"BenchConfig.parts must be a non-empty subset of {PARTS}, got {self.parts!r}")
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            raise ValueError(f"BenchConfig.tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
+        if self.methods is not None:
+            names = [name for name, _ in _variants(self, every=True)]
+            bad = [m for m in self.methods if m not in names]
+            if bad or not self.methods:
+                raise ValueError(f"BenchConfig.methods must be a non-empty subset of {names}, got {bad}")
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -101,23 +120,29 @@ def _louiskv_run(
     return new, ms, stats, r
 
 
-def _variants(cfg: BenchConfig) -> list[tuple[str, LouisKVConfig]]:
+def _variants(cfg: BenchConfig, every: bool = False) -> list[tuple[str, LouisKVConfig]]:
     """LouisKV's defaults at every budget; at the middle one also the short-answer taus of either trigger
-    (`ANSWER_TAU` adjacent, `ANCHOR_TAU` anchor), each also with `follow`, and retrieval at every step
-    (with and without `follow`)."""
+    (`ANSWER_TAU` adjacent, `ANCHOR_TAU` anchor) and the step-level trigger (`STEP_TAU`), each also with
+    `follow`, and retrieval at every step (with and without `follow`). Only `cfg.methods` unless
+    `every`."""
     middle = cfg.budgets[len(cfg.budgets) // 2]
     answer = dict(budget=middle, tau=ANSWER_TAU, trigger="adjacent")
     anchor = dict(budget=middle, tau=ANCHOR_TAU, trigger="anchor")
-    every = dict(budget=middle, tau=EVERY_STEP)
+    step = dict(budget=middle, tau=STEP_TAU, trigger=STEP_TRIGGER, scope="step", step_layers=STEP_LAYERS)
     rows = [(f"louiskv-{b}", LouisKVConfig(budget=b)) for b in cfg.budgets]
-    return rows + [
+    rows += [
         (f"louiskv-answer-{middle}", LouisKVConfig(**answer)),
         (f"louiskv-anchor-{middle}", LouisKVConfig(**anchor)),
         (f"louiskv-follow-{middle}", LouisKVConfig(**answer, follow=FOLLOW)),
         (f"louiskv-anchor-follow-{middle}", LouisKVConfig(**anchor, follow=FOLLOW)),
-        (f"every-step-{middle}", LouisKVConfig(**every)),
-        (f"every-step-follow-{middle}", LouisKVConfig(**every, follow=FOLLOW)),
+        (f"louiskv-step-{middle}", LouisKVConfig(**step)),
+        (f"louiskv-step-follow-{middle}", LouisKVConfig(**step, follow=FOLLOW)),
+        (f"every-step-{middle}", LouisKVConfig(budget=middle, tau=EVERY_STEP)),
+        (f"every-step-follow-{middle}", LouisKVConfig(budget=middle, tau=EVERY_STEP, follow=FOLLOW)),
     ]
+    if every or cfg.methods is None:
+        return rows
+    return [(name, config) for name, config in rows if name in cfg.methods]
 
 
 def _probe_seed(depth: float, seed: int) -> int:
@@ -140,7 +165,7 @@ def accuracy(engine: Engine, cfg: BenchConfig, texts: list[str]) -> list[dict[st
     for length in cfg.lengths:
         for seed in cfg.seeds:
             for depth in cfg.depths:
-                for task in ("passkey", "needle"):
+                for task in cfg.tasks:
                     if (task, length, depth, seed) in done:
                         continue
                     if cfg.stop_at is not None and time.time() > cfg.stop_at:
@@ -281,6 +306,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         s["rate"] += row.get("retrieval_rate", 0.0)
         s["rate_after_first"] = s.get("rate_after_first", 0.0) + row.get("retrieval_rate_after_first", 0.0)
         s["step_rate"] += row.get("step_retrieval_rate", 0.0)
+        s["step_after"] = s.get("step_after", 0.0) + row.get("step_retrieval_rate_after_first", 0.0)
         s["mb_fetched"] += row.get("bytes_fetched", 0) / 1e6
     paired = _paired(rows)
     for key, s in out.items():
@@ -288,6 +314,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         out_row = {"accuracy": s["correct"] / n, "correct": s["correct"], "ms_per_token": s["ms"] / n}
         out_row.update(retrieval_rate=s["rate"] / n, retrieval_rate_after_first=s["rate_after_first"] / n)
         out_row.update(step_retrieval_rate=s["step_rate"] / n, mb_fetched=s["mb_fetched"] / n, probes=n)
+        out_row.update(step_retrieval_rate_after_first=s["step_after"] / n)
         out_row.update(paired.get(key, {}))
         s.clear()
         s.update(out_row)
@@ -412,6 +439,8 @@ def _method_order(method: str) -> tuple[int, int]:
         "louiskv-anchor",
         "louiskv-follow",
         "louiskv-anchor-follow",
+        "louiskv-step",
+        "louiskv-step-follow",
         "every-step",
         "every-step-follow",
     )
@@ -426,6 +455,7 @@ def _counters(stats: dict[str, Any]) -> dict[str, Any]:
         "retrieval_rate",
         "retrieval_rate_after_first",
         "step_retrieval_rate",
+        "step_retrieval_rate_after_first",
         "bytes_fetched",
         "tokens_fetched",
         "peak_resident_bytes",

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     bench.add_argument("--answer-tokens", type=int, help="tokens decoded per accuracy probe")
     bench.add_argument("--results", help="JSONL of per-probe accuracy rows (appended; a rerun resumes)")
     bench.add_argument("--stop-at", help="UTC time HH:MM after which no new accuracy probe starts")
+    bench.add_argument("--tasks", nargs="+", help="accuracy probes: passkey, needle")
+    bench.add_argument("--methods", nargs="+", help="accuracy variants to run (e.g. every-step-512)")
     bench.add_argument("--long-output-tokens", type=int, help="tokens generated for the agreement test")
     bench.add_argument("--stream-tokens", type=int, nargs="+", help="ReKV stream lengths")
     bench.add_argument(
@@ -47,6 +49,8 @@ def _bench(args: argparse.Namespace) -> int:
         "answer_tokens": args.answer_tokens,
         "results": args.results,
         "stop_at": _utc_today(args.stop_at) if args.stop_at else None,
+        "methods": tuple(args.methods) if args.methods else None,
+        "tasks": tuple(args.tasks) if args.tasks else None,
     }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     result = run(Engine(load_model()), cfg, plot=args.plot)

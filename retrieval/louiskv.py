@@ -14,6 +14,10 @@ re-selects: per KV head, units by group-consistent score until the budget
 is full (units already resident stay; only new ones are fetched). Otherwise the last selection is reused.
 Attention is exact over sinks + selected units + local window at the tokens' original positions.
 
+With `scope="step"` (not in the paper) one decision serves a whole decode step: layers run in order, so
+it can only come from the first `step_layers` layers' queries; a layer among them retrieves once it or an
+earlier one falls below its tau, and every later layer follows the decision of those first layers.
+
 `budget` counts every resident token per layer and KV head: sinks + local window + selected units.
 """
 
@@ -62,7 +66,18 @@ ANCHOR_TAU = (
     0.61, 0.65, 0.63, 0.70, 0.63, 0.67, 0.67, 0.65, 0.65, 0.69, 0.73, 0.69, 0.82, 0.82, 0.75,
     0.80, 0.83, 0.76, 0.78, 0.82, 0.74, 0.77, 0.77, 0.72, 0.69, 0.79, 0.76, 0.77, 0.75, 0.74,
 )  # fmt: skip
+# The step-level trigger (scope="step", not in the paper): layer 0 decides for all layers, calibrated on
+# ANSWER_TAU's decodes with the first step counted (0.29 of steps, 0.24 after the first; 0.69 if the first
+# is not counted: 0.34 / 0.30). Deciding from 2-10 layers or with the anchor trigger gave the same
+# staleness of the selections (mean cos of a layer's query with its query at its last retrieval,
+# 0.83-0.84), as did retrieving every 4th step: bench/results/retrieval-2026-12-02/step_calibration.py.
+# Reproduce with calibrate_tau(engine, qa_prompts(tokenizer, 4096, slice(100, 112)), 16, 0.3, taus,
+# trigger="adjacent", include_first=True, scope="step").tau, taus = -0.5, -0.49, .., 0.99.
+STEP_TAU = 0.63
+STEP_TRIGGER = "adjacent"
+STEP_LAYERS = 1
 DEFAULT_TRIGGER = "adjacent"
+SCOPES = ("layer", "step")
 
 
 @dataclass
@@ -82,7 +97,12 @@ class LouisKVConfig:
     follow: each selected unit brings the units holding the `follow` tokens after each of its members
         (0: the paper's selection). Not in the paper: copying a number out of the prompt moves to the
         next token at every step while the query barely changes, so the trigger does not fire and a
-        selection of k-means units (which split the number across clusters) lacks the later digits."""
+        selection of k-means units (which split the number across clusters) lacks the later digits.
+    scope: "layer" (the paper's: each layer decides at each step) or "step" (one decision per step for
+        all layers, from the first `step_layers` layers' triggers: layer j < step_layers retrieves when
+        any layer <= j is below its tau, later layers when any of the first `step_layers` is; not in the
+        paper: a per-layer trigger at 30% of (layer, step) pairs still has some layer retrieving on most
+        steps, so every step pays a fetch)."""
 
     budget: int = 512
     tau: float | tuple[float, ...] = DEFAULT_TAU
@@ -95,9 +115,12 @@ class LouisKVConfig:
     max_segment: int = 32
     kmeans_iters: int = 10
     follow: int = 0
+    scope: str = "layer"
+    step_layers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("budget", "window", "cluster_tokens", "max_unit", "min_segment", "max_segment"):
+        sizes = ("budget", "window", "cluster_tokens", "max_unit", "min_segment", "max_segment")
+        for name in (*sizes, "step_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LouisKVConfig.{name} must be an int >= 1, got {value!r}")
@@ -112,6 +135,8 @@ class LouisKVConfig:
             self.tau = tuple(self.tau)
         if self.trigger not in TRIGGERS:
             raise ValueError(f"LouisKVConfig.trigger must be one of {TRIGGERS}, got {self.trigger!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"LouisKVConfig.scope must be one of {SCOPES}, got {self.scope!r}")
         if self.max_segment > self.window or self.min_segment > self.max_segment:
             raise ValueError(
                 f"need min_segment <= max_segment <= window, got {self.min_segment}, "
@@ -146,10 +171,13 @@ class LouisKV(Retriever):
         taus, layers = self.config.tau, engine.spec.num_layers
         if isinstance(taus, tuple) and len(taus) != layers:
             raise ValueError(f"LouisKVConfig.tau has {len(taus)} values for a {layers}-layer model")
+        if self.config.step_layers > layers:
+            raise ValueError(f"LouisKVConfig.step_layers {self.config.step_layers} > {layers} layers")
         super().__init__(engine, store, cluster_tokens=self.config.cluster_tokens)
         self.layers: list[LouisKVLayer] = []
         self.labels: list[torch.Tensor] = []  # k-means labels per layer of the last offload
         self.prompt_units: list[PoolSnapshot] = []  # per layer, the prompt's units (for `units_from`)
+        self._step_fired = False  # scope "step": the current step's decision so far
 
     @property
     def budget_bytes(self) -> int:
@@ -225,6 +253,16 @@ class LouisKV(Retriever):
         if call.layer == len(self.layers) - 1:
             self.sync_stats()
         return out
+
+    def decide(self, layer: int, below_tau: bool) -> bool:
+        """Whether `layer` retrieves at this step, given whether its own trigger fired."""
+        if self.config.scope == "layer":
+            return below_tau
+        if layer == 0:  # layers run in order: layer 0 opens a step
+            self._step_fired = False
+        if layer < self.config.step_layers:
+            self._step_fired = self._step_fired or below_tau
+        return self._step_fired
 
     def _layer(
         self,
@@ -321,7 +359,7 @@ class LouisKVLayer(LayerKV):
         cfg = self.owner.config
         q = call.q[0, :, -1]  # [heads, d]
         r = None if self.q_ref is None else float(torch.cosine_similarity(self.q_ref, q, dim=-1).mean())
-        retrieve = r is None or r < cfg.layer_tau(self.index)
+        retrieve = self.owner.decide(self.index, r is None or r < cfg.layer_tau(self.index))
         if r is not None and retrieve:
             self._boundary()
         if retrieve:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from retrieval.bench import BenchConfig, _variants, accuracy, summarize
 
 
@@ -32,12 +34,25 @@ def test_variants_share_the_middle_budget():
         "louiskv-anchor-512",
         "louiskv-follow-512",
         "louiskv-anchor-follow-512",
+        "louiskv-step-512",
+        "louiskv-step-follow-512",
         "every-step-512",
         "every-step-follow-512",
     ]
-    assert [c.budget for _, c in variants] == [256, 512, 1024] + [512] * 6
+    assert [c.budget for _, c in variants] == [256, 512, 1024] + [512] * 8
     assert [c.trigger for _, c in variants[3:7]] == ["adjacent", "anchor", "adjacent", "anchor"]
-    assert [c.follow for _, c in variants] == [0, 0, 0, 0, 0, 4, 4, 0, 4]
+    assert [c.follow for _, c in variants] == [0, 0, 0, 0, 0, 4, 4, 0, 4, 0, 4]
+    assert [c.scope for _, c in variants].count("step") == 2
+    assert variants[7][1].scope == variants[8][1].scope == "step"
+
+
+def test_methods_pick_variants_and_unknown_names_are_refused():
+    cfg = BenchConfig(budgets=(512,), methods=("every-step-512", "louiskv-step-follow-512"))
+    assert [name for name, _ in _variants(cfg)] == ["louiskv-step-follow-512", "every-step-512"]
+    with pytest.raises(ValueError, match="louiskv-step-follow-256"):
+        BenchConfig(budgets=(512,), methods=("louiskv-step-follow-256",))
+    with pytest.raises(ValueError, match="tasks"):
+        BenchConfig(tasks=("haystack",))
 
 
 def test_done_probes_are_skipped_and_a_past_stop_time_starts_none(tmp_path):
@@ -50,6 +65,11 @@ def test_done_probes_are_skipped_and_a_past_stop_time_starts_none(tmp_path):
         lengths=(1024,), depths=(0.5,), seeds=(0, 1), results=str(path), stop_at=time.time() - 1
     )
     assert accuracy(None, later, []) == rows
+    # Only the passkeys asked for: the needle (not done) is not run (the model would be needed).
+    passkeys = rows[:2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in passkeys))
+    only = BenchConfig(lengths=(1024,), depths=(0.5,), seeds=(0,), results=str(path), tasks=("passkey",))
+    assert accuracy(None, only, []) == passkeys
 
 
 def test_summary_counts_paired_wins_and_losses():

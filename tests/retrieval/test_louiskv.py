@@ -8,7 +8,13 @@ import torch
 from engine.attention import AttnCall
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
-from retrieval.calibrate import calibrate_queries, calibrate_tau, decode_queries, trigger_rates
+from retrieval.calibrate import (
+    calibrate_queries,
+    calibrate_tau,
+    decode_queries,
+    step_trigger_counts,
+    trigger_rates,
+)
 from retrieval.kmeans import groups, kmeans
 from retrieval.louiskv import ANCHOR_TAU, ANSWER_TAU, DEFAULT_TAU, LouisKV, LouisKVConfig
 from retrieval.tasks import needle, qa_prompts
@@ -78,19 +84,75 @@ def test_segments_leaving_the_window_stay_resident_between_retrievals(engine, pr
     assert r.stats.peak_resident_bytes <= r.budget_bytes
 
 
+@pytest.mark.parametrize("scope", ["layer", "step"])
 @pytest.mark.parametrize("tau", [1.5, -1.5])
-def test_tau_outside_the_cosine_range(engine, probe, tau):
-    r = LouisKV(engine, LouisKVConfig(budget=128, tau=tau, **SMALL), host_store())
+def test_tau_outside_the_cosine_range(engine, probe, tau, scope):
+    cfg = LouisKVConfig(budget=128, tau=tau, scope=scope, step_layers=2, **SMALL)
+    r = LouisKV(engine, cfg, host_store())
     r.generate(probe.ids, 8, stop=set())
     layers = engine.spec.num_layers
     assert r.stats.steps == 7 and r.stats.layer_steps == 7 * layers
     assert r.stats.first_layer_steps == r.stats.first_retrievals == layers  # the first step always does
     if tau > 1:
         assert r.stats.retrievals == r.stats.layer_steps and r.stats.retrieval_steps == 7
-        assert r.stats.retrieval_rate_after_first == 1.0
+        assert r.stats.retrieval_rate_after_first == r.stats.step_retrieval_rate_after_first == 1.0
     else:
         assert r.stats.retrievals == layers and r.stats.retrieval_steps == 1
-        assert r.stats.retrieval_rate == 1 / 7 and r.stats.retrieval_rate_after_first == 0.0
+        assert r.stats.retrieval_rate == r.stats.step_retrieval_rate == 1 / 7
+        assert r.stats.retrieval_rate_after_first == r.stats.step_retrieval_rate_after_first == 0.0
+
+
+STEP_TAUS = [round(-0.5 + 0.01 * i, 2) for i in range(150)]
+
+
+def test_step_trigger_decides_for_all_layers_within_the_budget(engine, probe):
+    """scope="step": the first `step_layers` layers decide, every later layer follows, so at each step
+    layers 2.. all retrieve or none; the stats count those steps, and resident bytes stay in the budget."""
+    r = LouisKV(engine, LouisKVConfig(budget=96, tau=0.8, scope="step", step_layers=2, **SMALL), host_store())
+    steps: list[list[int]] = []
+
+    def checked(call: AttnCall) -> torch.Tensor:
+        before = r.stats.retrievals
+        out = r.attention(call)
+        if call.layer == 0:
+            steps.append([])
+        if r.stats.retrievals > before:
+            steps[-1].append(call.layer)
+        assert r.resident_bytes() <= r.budget_bytes
+        return out
+
+    cache, logits = r.prefill(probe.ids)
+    engine.decode(logits, cache, 24, attention=checked, stop=set())
+    layers = list(range(engine.spec.num_layers))
+    assert len(steps) == r.stats.steps == 23 and steps[0] == layers
+    assert all(s in ([], layers, layers[1:]) for s in steps), steps
+    assert r.stats.retrieval_steps == sum(bool(s) for s in steps)
+    assert 1 < r.stats.retrieval_steps < 23  # tau 0.8 neither always nor never fires here
+    assert r.stats.peak_resident_bytes <= r.budget_bytes
+    with pytest.raises(ValueError, match="scope"):
+        LouisKVConfig(scope="token")
+    with pytest.raises(ValueError, match="step_layers"):
+        LouisKVConfig(step_layers=0)
+    with pytest.raises(ValueError, match="step_layers 31"):
+        LouisKV(engine, LouisKVConfig(scope="step", step_layers=31))
+
+
+@pytest.mark.parametrize("trigger", ["anchor", "adjacent"])
+def test_step_calibration_meets_its_target_and_replays_louiskv(engine, probe, trigger):
+    """`calibrate_queries(scope="step")` bounds the share of retrieving steps (the first counted), and
+    its offline replay counts the steps LouisKV's step trigger really retrieves on (target 0.5: layer 0's
+    adjacent cosines here come in near-ties, so 0.3 of 11 steps leaves only the first)."""
+    ids, new = probe.ids[:240], 12
+    queries = decode_queries(engine, ids, new)
+    cal = calibrate_queries([queries], 0.5, STEP_TAUS, trigger, include_first=True, scope="step")
+    assert cal.samples == new - 1 and cal.rates[cal.taus.index(cal.tau)] <= 0.5
+    cfg = LouisKVConfig(budget=1024, tau=cal.tau, trigger=trigger, scope="step", **SMALL)
+    r = LouisKV(engine, cfg)  # holds the whole cache: the queries are the full cache's
+    r.generate(ids, new, stop=set())
+    replayed = step_trigger_counts(queries, torch.tensor([cal.tau]), trigger, 1)
+    assert r.stats.retrieval_steps == 1 + int(replayed[0]) > 1
+    assert r.stats.retrievals == engine.spec.num_layers * r.stats.retrieval_steps
+    assert r.stats.step_retrieval_rate <= 0.5
 
 
 def test_shared_kmeans_labels_give_the_same_tokens(engine, probe):
