@@ -50,7 +50,9 @@ def test_bad_values_are_refused(monkeypatch):
     assert ServerSettings(api_key="k").public()["api_key"] == "***"
 
 
-def test_redis_tier_when_configured(fresh_server, redis_url, redis_prefix):
+def test_redis_tier_when_configured(redis_url, redis_prefix, fresh_server):
+    # redis_prefix before fresh_server: fixtures are torn down in reverse, so the server (which
+    # writes its host tier down to Redis as it stops) is gone before the prefix's keys are deleted
     s = fresh_server(
         {
             "KVFUSE_REDIS_URL": redis_url,
