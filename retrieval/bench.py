@@ -3,10 +3,10 @@
 Everything is measured side by side in one run against the same model with its full cache:
 - passkey and needle (in MuSiQue passages) accuracy per input length and LouisKV budget, plus LouisKV
   retrieving at every step and with the short-answer taus of either trigger (`ANSWER_TAU` adjacent,
-  `ANCHOR_TAU` anchor) and the step-level trigger (`STEP_TAU`) at the middle budget, each with and
-  without `follow` (`methods` picks a subset); every method decodes from the same full prefill of a
-  probe, and the LouisKV variants read the prompt units the first one put in the store (identical: the
-  clustering depends on neither budget nor tau). With
+  `ANCHOR_TAU` anchor), the step-level trigger (`STEP_TAU`) and a periodic baseline at the middle
+  budget, each with and without `follow` (`methods` picks a subset); every method decodes from the same
+  full prefill of a probe, and the LouisKV variants read the prompt units the first one put in the store
+  (identical: the clustering depends on neither budget nor tau). With
   `results`, each probe's rows are appended to a JSONL file as soon as it is done, probes already there
   are skipped (a run resumes), and `stop_at` (a unix time) stops starting new probes;
 - long-output agreement: greedy match length of LouisKV (default tau, and every step) vs the full cache;
@@ -122,13 +122,14 @@ def _louiskv_run(
 
 def _variants(cfg: BenchConfig, every: bool = False) -> list[tuple[str, LouisKVConfig]]:
     """LouisKV's defaults at every budget; at the middle one also the short-answer taus of either trigger
-    (`ANSWER_TAU` adjacent, `ANCHOR_TAU` anchor) and the step-level trigger (`STEP_TAU`), each also with
-    `follow`, and retrieval at every step (with and without `follow`). Only `cfg.methods` unless
-    `every`."""
+    (`ANSWER_TAU` adjacent, `ANCHOR_TAU` anchor), the step-level trigger (`STEP_TAU`) and the periodic
+    baseline (every `DEFAULT_PERIOD` steps), each also with `follow`, and retrieval at every step (with
+    and without `follow`). Only `cfg.methods` unless `every`."""
     middle = cfg.budgets[len(cfg.budgets) // 2]
     answer = dict(budget=middle, tau=ANSWER_TAU, trigger="adjacent")
     anchor = dict(budget=middle, tau=ANCHOR_TAU, trigger="anchor")
     step = dict(budget=middle, tau=STEP_TAU, trigger=STEP_TRIGGER, scope="step", step_layers=STEP_LAYERS)
+    periodic = dict(budget=middle, trigger="periodic")
     rows = [(f"louiskv-{b}", LouisKVConfig(budget=b)) for b in cfg.budgets]
     rows += [
         (f"louiskv-answer-{middle}", LouisKVConfig(**answer)),
@@ -137,6 +138,8 @@ def _variants(cfg: BenchConfig, every: bool = False) -> list[tuple[str, LouisKVC
         (f"louiskv-anchor-follow-{middle}", LouisKVConfig(**anchor, follow=FOLLOW)),
         (f"louiskv-step-{middle}", LouisKVConfig(**step)),
         (f"louiskv-step-follow-{middle}", LouisKVConfig(**step, follow=FOLLOW)),
+        (f"louiskv-periodic-{middle}", LouisKVConfig(**periodic)),
+        (f"louiskv-periodic-follow-{middle}", LouisKVConfig(**periodic, follow=FOLLOW)),
         (f"every-step-{middle}", LouisKVConfig(budget=middle, tau=EVERY_STEP)),
         (f"every-step-follow-{middle}", LouisKVConfig(budget=middle, tau=EVERY_STEP, follow=FOLLOW)),
     ]
@@ -441,6 +444,8 @@ def _method_order(method: str) -> tuple[int, int]:
         "louiskv-anchor-follow",
         "louiskv-step",
         "louiskv-step-follow",
+        "louiskv-periodic",
+        "louiskv-periodic-follow",
         "every-step",
         "every-step-follow",
     )

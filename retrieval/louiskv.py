@@ -18,6 +18,10 @@ With `scope="step"` (not in the paper) one decision serves a whole decode step: 
 it can only come from the first `step_layers` layers' queries; a layer among them retrieves once it or an
 earlier one falls below its tau, and every later layer follows the decision of those first layers.
 
+With `trigger="periodic"` (a baseline, not in the paper) every layer re-selects at the first step and at
+every `period`-th step after it, whatever the queries do: the control that tells whether the query
+trigger's timing is worth anything over a fixed schedule at the same rate.
+
 `budget` counts every resident token per layer and KV head: sinks + local window + selected units.
 """
 
@@ -78,6 +82,10 @@ STEP_TRIGGER = "adjacent"
 STEP_LAYERS = 1
 DEFAULT_TRIGGER = "adjacent"
 SCOPES = ("layer", "step")
+LOUISKV_TRIGGERS = (*TRIGGERS, "periodic")  # "periodic" has no tau to calibrate
+# Decode steps between periodic retrievals: 4 gives 4 of the 15 steps of a 16-token answer (0.27),
+# the rate the query triggers were calibrated to (0.30).
+DEFAULT_PERIOD = 4
 
 
 @dataclass
@@ -85,8 +93,9 @@ class LouisKVConfig:
     """budget: resident tokens per layer and KV head (sinks + window + retrieved units).
     tau: retrieve when the trigger's cosine falls below it (> 1: every step; < -1: only the first); one
         number, or one per layer (the default, calibrated for SmolLM2-135M by `calibrate_tau`).
-    trigger: "adjacent" (cos(q_{t-1}, q_t), the paper's) or "anchor" (cos with the query of the layer's
-        last retrieval, so a slow drift also triggers).
+    trigger: "adjacent" (cos(q_{t-1}, q_t), the paper's), "anchor" (cos with the query of the layer's
+        last retrieval, so a slow drift also triggers) or "periodic" (every `period` steps, tau unused).
+    period: decode steps between retrievals of the periodic trigger (the first step always retrieves).
     n_sink / window: always-resident first tokens and recent tokens.
     cluster_tokens: mean tokens per k-means unit of the prompt (4: on SmolLM2-135M, 256 tokens after a
         1,235-token prompt at budget 512 retrieving every step followed the full cache for 43 tokens with
@@ -107,6 +116,7 @@ class LouisKVConfig:
     budget: int = 512
     tau: float | tuple[float, ...] = DEFAULT_TAU
     trigger: str = DEFAULT_TRIGGER
+    period: int = DEFAULT_PERIOD
     n_sink: int = 4
     window: int = 64
     cluster_tokens: int = 4
@@ -120,7 +130,7 @@ class LouisKVConfig:
 
     def __post_init__(self) -> None:
         sizes = ("budget", "window", "cluster_tokens", "max_unit", "min_segment", "max_segment")
-        for name in (*sizes, "step_layers"):
+        for name in (*sizes, "step_layers", "period"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LouisKVConfig.{name} must be an int >= 1, got {value!r}")
@@ -133,8 +143,8 @@ class LouisKVConfig:
             raise ValueError(f"LouisKVConfig.tau must be a number or one per layer, got {self.tau!r}")
         if isinstance(self.tau, list):
             self.tau = tuple(self.tau)
-        if self.trigger not in TRIGGERS:
-            raise ValueError(f"LouisKVConfig.trigger must be one of {TRIGGERS}, got {self.trigger!r}")
+        if self.trigger not in LOUISKV_TRIGGERS:
+            raise ValueError(f"LouisKVConfig.trigger must be one of {LOUISKV_TRIGGERS}, got {self.trigger!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"LouisKVConfig.scope must be one of {SCOPES}, got {self.scope!r}")
         if self.max_segment > self.window or self.min_segment > self.max_segment:
@@ -325,6 +335,7 @@ class LouisKVLayer(LayerKV):
         # that left the window since then in front (recent text stays until the next retrieval)
         self.priority: list[list[int]] = [[] for _ in range(heads)]
         self.q_ref: torch.Tensor | None = None  # the trigger's reference query (see LouisKVConfig.trigger)
+        self.steps = 0  # decode steps this layer attended
 
     @property
     def heads(self) -> int:
@@ -358,9 +369,8 @@ class LouisKVLayer(LayerKV):
     def attend(self, call: AttnCall) -> torch.Tensor:
         cfg = self.owner.config
         q = call.q[0, :, -1]  # [heads, d]
-        r = None if self.q_ref is None else float(torch.cosine_similarity(self.q_ref, q, dim=-1).mean())
-        retrieve = self.owner.decide(self.index, r is None or r < cfg.layer_tau(self.index))
-        if r is not None and retrieve:
+        retrieve = self.owner.decide(self.index, self._fires(q))
+        if self.steps > 0 and retrieve:
             self._boundary()
         if retrieve:
             with self.owner.timed():
@@ -368,7 +378,18 @@ class LouisKVLayer(LayerKV):
         if retrieve or cfg.trigger == "adjacent":
             self.q_ref = q.clone()
         self.owner.count_layer_step(self.index, retrieve)
+        self.steps += 1
         return self._attend(call)
+
+    def _fires(self, q: torch.Tensor) -> bool:
+        """This layer's own trigger at this step (the first step always fires)."""
+        cfg = self.owner.config
+        if cfg.trigger == "periodic":
+            return self.steps % cfg.period == 0
+        if self.q_ref is None:
+            return True
+        r = float(torch.cosine_similarity(self.q_ref, q, dim=-1).mean())
+        return r < cfg.layer_tau(self.index)
 
     # ---- internals -----------------------------------------------------------------------------
 

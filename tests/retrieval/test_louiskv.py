@@ -102,6 +102,36 @@ def test_tau_outside_the_cosine_range(engine, probe, tau, scope):
         assert r.stats.retrieval_rate_after_first == r.stats.step_retrieval_rate_after_first == 0.0
 
 
+@pytest.mark.parametrize("period", [1, 3, 4])
+def test_periodic_trigger_retrieves_on_its_schedule_only(engine, probe, period):
+    """trigger="periodic": every layer retrieves at steps 0, period, 2 * period, .. and at no other."""
+    r = LouisKV(engine, LouisKVConfig(budget=96, trigger="periodic", period=period, **SMALL), host_store())
+    steps: list[list[int]] = []
+
+    def checked(call: AttnCall) -> torch.Tensor:
+        before = r.stats.retrievals
+        out = r.attention(call)
+        if call.layer == 0:
+            steps.append([])
+        if r.stats.retrievals > before:
+            steps[-1].append(call.layer)
+        assert r.resident_bytes() <= r.budget_bytes
+        return out
+
+    cache, logits = r.prefill(probe.ids)
+    engine.decode(logits, cache, 14, attention=checked, stop=set())
+    layers = list(range(engine.spec.num_layers))
+    assert len(steps) == 13
+    assert [i for i, s in enumerate(steps) if s] == list(range(0, 13, period))
+    assert all(s in ([], layers) for s in steps)
+    assert r.stats.retrieval_steps == len(range(0, 13, period))
+    assert r.stats.retrieval_rate == pytest.approx(len(range(0, 13, period)) / 13)
+    with pytest.raises(ValueError, match="period"):
+        LouisKVConfig(trigger="periodic", period=0)
+    with pytest.raises(ValueError, match="trigger"):
+        LouisKVConfig(trigger="sometimes")
+
+
 STEP_TAUS = [round(-0.5 + 0.01 * i, 2) for i in range(150)]
 
 
