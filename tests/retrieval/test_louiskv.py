@@ -38,6 +38,26 @@ def host_store() -> TieredStore:
     return TieredStore(StoreConfig(host_bytes=1 << 30, write_behind=False))
 
 
+def retrieving_layers(engine, r: LouisKV, ids: list[int], new: int) -> list[list[int]]:
+    """Decode `new` tokens with `r`, checking the resident bound at every call; per decode step, the
+    layers that retrieved."""
+    steps: list[list[int]] = []
+
+    def checked(call: AttnCall) -> torch.Tensor:
+        before = r.stats.retrievals
+        out = r.attention(call)
+        if call.layer == 0:
+            steps.append([])
+        if r.stats.retrievals > before:
+            steps[-1].append(call.layer)
+        assert r.resident_bytes() <= r.budget_bytes
+        return out
+
+    cache, logits = r.prefill(ids)
+    engine.decode(logits, cache, new, attention=checked, stop=set())
+    return steps
+
+
 def test_budget_holding_everything_gives_the_full_cache_tokens(engine, probe, full_tokens):
     r = LouisKV(engine, LouisKVConfig(budget=1024, **SMALL), host_store())
     assert r.generate(probe.ids, NEW, stop=set()) == full_tokens
@@ -106,20 +126,7 @@ def test_tau_outside_the_cosine_range(engine, probe, tau, scope):
 def test_periodic_trigger_retrieves_on_its_schedule_only(engine, probe, period):
     """trigger="periodic": every layer retrieves at steps 0, period, 2 * period, .. and at no other."""
     r = LouisKV(engine, LouisKVConfig(budget=96, trigger="periodic", period=period, **SMALL), host_store())
-    steps: list[list[int]] = []
-
-    def checked(call: AttnCall) -> torch.Tensor:
-        before = r.stats.retrievals
-        out = r.attention(call)
-        if call.layer == 0:
-            steps.append([])
-        if r.stats.retrievals > before:
-            steps[-1].append(call.layer)
-        assert r.resident_bytes() <= r.budget_bytes
-        return out
-
-    cache, logits = r.prefill(probe.ids)
-    engine.decode(logits, cache, 14, attention=checked, stop=set())
+    steps = retrieving_layers(engine, r, probe.ids, 14)
     layers = list(range(engine.spec.num_layers))
     assert len(steps) == 13
     assert [i for i, s in enumerate(steps) if s] == list(range(0, 13, period))
@@ -139,20 +146,7 @@ def test_step_trigger_decides_for_all_layers_within_the_budget(engine, probe):
     """scope="step": the first `step_layers` layers decide, every later layer follows, so at each step
     layers 2.. all retrieve or none; the stats count those steps, and resident bytes stay in the budget."""
     r = LouisKV(engine, LouisKVConfig(budget=96, tau=0.8, scope="step", step_layers=2, **SMALL), host_store())
-    steps: list[list[int]] = []
-
-    def checked(call: AttnCall) -> torch.Tensor:
-        before = r.stats.retrievals
-        out = r.attention(call)
-        if call.layer == 0:
-            steps.append([])
-        if r.stats.retrievals > before:
-            steps[-1].append(call.layer)
-        assert r.resident_bytes() <= r.budget_bytes
-        return out
-
-    cache, logits = r.prefill(probe.ids)
-    engine.decode(logits, cache, 24, attention=checked, stop=set())
+    steps = retrieving_layers(engine, r, probe.ids, 24)
     layers = list(range(engine.spec.num_layers))
     assert len(steps) == r.stats.steps == 23 and steps[0] == layers
     assert all(s in ([], layers, layers[1:]) for s in steps), steps
