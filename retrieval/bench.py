@@ -227,7 +227,8 @@ def _probe_rows(
 
 
 def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str, Any]:
-    """Greedy match length over `long_output_tokens` of LouisKV (default tau; every step) vs full."""
+    """Greedy match length over `long_output_tokens` vs full of LouisKV at `long_budget` (default tau;
+    every step) and, when `cfg.methods` names some, of those accuracy variants too (their own budgets)."""
     chosen, used = [], 0
     for t in texts:
         if used >= cfg.long_prompt_tokens - 80:
@@ -241,8 +242,13 @@ def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str,
     n = cfg.long_output_tokens
     full, full_ms = _decode(engine, out.logits[0, -1], out.cache.clone(), n)
     result: dict[str, Any] = dict(prompt_tokens=len(prompt.ids), tokens=n, full_ms_per_token=full_ms)
-    for name, tau in (("louiskv", LouisKVConfig().tau), ("every_step", EVERY_STEP)):
-        new, ms, stats, r = _louiskv_run(engine, out, n, LouisKVConfig(budget=cfg.long_budget, tau=tau))
+    runs = [
+        ("louiskv", LouisKVConfig(budget=cfg.long_budget)),
+        ("every_step", LouisKVConfig(budget=cfg.long_budget, tau=EVERY_STEP)),
+    ]
+    runs += _variants(cfg) if cfg.methods is not None else []
+    for name, config in runs:
+        new, ms, stats, r = _louiskv_run(engine, out, n, config)
         r.release()
         result[name] = dict(
             match_length=_match(full, new), same_tokens=_same(full, new), ms_per_token=ms, **_counters(stats)

@@ -8,6 +8,7 @@ import torch
 from engine.attention import AttnCall
 from kvstore.config import StoreConfig
 from kvstore.store import TieredStore
+from retrieval.bench import BenchConfig, long_output
 from retrieval.calibrate import (
     calibrate_queries,
     calibrate_tau,
@@ -407,3 +408,22 @@ def test_follow_brings_the_tokens_after_each_selected_unit(engine, probe):
     assert checked > 0
     with pytest.raises(ValueError, match="follow"):
         LouisKVConfig(follow=-1)
+
+
+def test_long_output_runs_the_chosen_variants_against_the_full_cache(engine, texts):
+    """`long_output` measures the default and every step, plus the variants `methods` names; every
+    step at a budget that holds the whole cache matches the full cache on all its tokens."""
+    cfg = BenchConfig(
+        budgets=(1024,),
+        long_prompt_tokens=300,
+        long_output_tokens=6,
+        long_budget=1024,
+        methods=("louiskv-periodic-follow-1024",),
+    )
+    out = long_output(engine, cfg, texts)
+    assert set(out) >= {"louiskv", "every_step", "louiskv-periodic-follow-1024"}
+    assert out["tokens"] == 6 and out["prompt_tokens"] < 1024
+    assert out["every_step"]["match_length"] == 6 and out["every_step"]["same_tokens"] == 1.0
+    periodic = out["louiskv-periodic-follow-1024"]
+    assert periodic["step_retrieval_rate"] == pytest.approx(2 / 5)  # steps 0 and 4 of 5
+    assert 0 <= periodic["match_length"] <= 6
