@@ -411,8 +411,13 @@ def draw(result: dict[str, Any], path: Path) -> None:
             axes[1].bar(xs, [r.get("retrieval_rate", 0) for r in rows], width, label=m, color=f"C{i}")
             after = [r.get("retrieval_rate_after_first", 0) for r in rows]
             axes[1].scatter(xs, after, color="black", marker="_", s=60, zorder=3)
+            steps = [r.get("step_retrieval_rate", 0) for r in rows]
+            axes[1].scatter(xs, steps, color="black", marker="x", s=20, zorder=3)
     axes[1].axhline(0.3, color="grey", linestyle="--", linewidth=0.8)
-    titles = ("passkey + needle accuracy", "(layer, step) retrieval rate (dash: without the first step)")
+    titles = (
+        "passkey + needle accuracy",
+        "retrieval rate: bars (layer, step), dash without the first step,\nx steps with a retrieval",
+    )
     for ax, title in zip(axes[:2], titles, strict=True):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n} tokens" for n in lengths])
         ax.set_title(title, fontsize=9)

@@ -3,15 +3,16 @@ all 30 probes) beside the 2026-12-02 14:26 run's rows of the same probes (accura
 the default, follow), with a check that the methods both runs decoded gave the same text (the decode is
 deterministic, so the earlier run's rows can be paired with this run's).
 
-    .venv/bin/python bench/results/retrieval-2026-12-03/periodic_summary.py
+    .venv/bin/python bench/results/retrieval-2026-12-03/periodic_summary.py [--plot docs/retrieval-2026-12-03.png]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from retrieval.bench import summarize
+from retrieval.bench import draw, summarize
 
 HERE = Path(__file__).resolve().parent
 EARLIER_FILE = HERE.parent / "retrieval-2026-12-02" / "accuracy_4k_512.jsonl"
@@ -57,6 +58,8 @@ def main() -> None:
     for r in rows:  # the earlier run did not record it: 15 decode steps, the first always retrieving
         r.setdefault("step_retrieval_rate_after_first", (r.get("step_retrieval_rate", 0.0) * 15 - 1) / 14)
     s = summarize(rows)
+    if "--plot" in sys.argv:
+        draw({"accuracy": s}, Path(sys.argv[sys.argv.index("--plot") + 1]))
     print("| " + COLUMNS + " |")
     print("|" + "---|" * len(COLUMNS.split("|")))
     for key in sorted(s, key=lambda k: (not k.startswith("full@"), k.startswith("every"), k)):
