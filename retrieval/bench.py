@@ -9,7 +9,8 @@ Everything is measured side by side in one run against the same model with its f
   (identical: the clustering depends on neither budget nor tau). With
   `results`, each probe's rows are appended to a JSONL file as soon as it is done, probes already there
   are skipped (a run resumes), and `stop_at` (a unix time) stops starting new probes;
-- long-output agreement: greedy match length of LouisKV (default tau, and every step) vs the full cache;
+- long-output agreement: greedy match length of LouisKV (default tau, and every step, plus the variants
+  `methods` names) vs the full cache;
 - ReKV: block recall@k (per layer, averaged) and answer accuracy for facts planted at known blocks;
 - per configuration: retrievals per (layer, token), bytes fetched from the store, decode ms per token.
 """
