@@ -370,9 +370,9 @@ class LouisKVLayer(LayerKV):
         cfg = self.owner.config
         q = call.q[0, :, -1]  # [heads, d]
         retrieve = self.owner.decide(self.index, self._fires(q))
-        if self.steps > 0 and retrieve:
-            self._boundary()
         if retrieve:
+            if self.steps > 0:  # the prompt's tail is already cut into segments: no boundary at step 0
+                self._boundary()
             with self.owner.timed():
                 self._retrieve(q, call.scale)
         if retrieve or cfg.trigger == "adjacent":

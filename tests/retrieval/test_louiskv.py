@@ -134,10 +134,6 @@ def test_periodic_trigger_retrieves_on_its_schedule_only(engine, probe, period):
     assert all(s in ([], layers) for s in steps)
     assert r.stats.retrieval_steps == len(range(0, 13, period))
     assert r.stats.retrieval_rate == pytest.approx(len(range(0, 13, period)) / 13)
-    with pytest.raises(ValueError, match="period"):
-        LouisKVConfig(trigger="periodic", period=0)
-    with pytest.raises(ValueError, match="trigger"):
-        LouisKVConfig(trigger="sometimes")
 
 
 STEP_TAUS = [round(-0.5 + 0.01 * i, 2) for i in range(150)]
@@ -279,6 +275,8 @@ def test_units_spill_to_disk_and_come_back_exactly(engine, probe, full_tokens, t
 def test_bad_configs_and_calls(engine, probe):
     with pytest.raises(ValueError, match="budget"):
         LouisKVConfig(budget=40, window=64)
+    with pytest.raises(ValueError, match="period"):
+        LouisKVConfig(trigger="periodic", period=0)
     with pytest.raises(ValueError, match="max_segment"):
         LouisKVConfig(max_segment=100, window=64)
     with pytest.raises(TypeError, match="LouisKVConfig"):
@@ -422,7 +420,7 @@ def test_long_output_runs_the_chosen_variants_against_the_full_cache(engine, tex
     )
     out = long_output(engine, cfg, texts)
     assert set(out) >= {"louiskv", "every_step", "louiskv-periodic-follow-1024"}
-    assert out["tokens"] == 6 and out["prompt_tokens"] < 1024
+    assert out["tokens"] == 6 and out["prompt_tokens"] <= 1024 - 6  # the whole cache fits the budget
     assert out["every_step"]["match_length"] == 6 and out["every_step"]["same_tokens"] == 1.0
     periodic = out["louiskv-periodic-follow-1024"]
     assert periodic["step_retrieval_rate"] == pytest.approx(2 / 5)  # steps 0 and 4 of 5

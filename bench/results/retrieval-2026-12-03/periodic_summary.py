@@ -1,9 +1,11 @@
 """Table of the periodic-trigger run (periodic_4k_512_*.jsonl: full, step-follow, periodic, periodic-follow on
 all 30 probes) beside the 2026-12-02 14:26 run's rows of the same probes (accuracy_4k_512.jsonl: every step,
 the default, follow), with a check that the methods both runs decoded gave the same text (the decode is
-deterministic, so the earlier run's rows can be paired with this run's).
+deterministic, so the earlier run's rows can be paired with this run's). `--at2k`: the 2K run
+(periodic_2k_512_*.jsonl: follow too) beside the 2026-11-22 run (every step, the default) and the 2026-12-02
+2K follow run (follow_2k_512*.jsonl, for the text check).
 
-    .venv/bin/python bench/results/retrieval-2026-12-03/periodic_summary.py [--plot docs/retrieval-2026-12-03.png]
+    .venv/bin/python bench/results/retrieval-2026-12-03/periodic_summary.py [--at2k] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -15,15 +17,31 @@ from pathlib import Path
 from retrieval.bench import draw, summarize
 
 HERE = Path(__file__).resolve().parent
-EARLIER_FILE = HERE.parent / "retrieval-2026-12-02" / "accuracy_4k_512.jsonl"
-STEP_FILES = sorted((HERE.parent / "retrieval-2026-12-02").glob("step_4k_512*.jsonl"))
-EARLIER = (
-    "louiskv-512",
-    "louiskv-follow-512",
-    "louiskv-anchor-follow-512",
-    "every-step-512",
-    "every-step-follow-512",
-)
+DEC02 = HERE.parent / "retrieval-2026-12-02"
+# per length: this run's files, the earlier run with every step, its methods paired in, the step run's files
+# (text check only), the earlier run's label
+RUNS = {
+    "4k": (
+        "periodic_4k_512_*.jsonl",
+        DEC02 / "accuracy_4k_512.jsonl",
+        (
+            "louiskv-512",
+            "louiskv-follow-512",
+            "louiskv-anchor-follow-512",
+            "every-step-512",
+            "every-step-follow-512",
+        ),
+        sorted(DEC02.glob("step_4k_512*.jsonl")),
+        "2026-12-02 run",
+    ),
+    "2k": (
+        "periodic_2k_512_*.jsonl",
+        HERE.parent / "retrieval-2026-11-22" / "accuracy.jsonl",
+        ("louiskv-512", "louiskv-answer-512", "every-step-512"),
+        sorted(DEC02.glob("follow_2k_512*.jsonl")),
+        "2026-11-22 run",
+    ),
+}
 COLUMNS = (
     "method | correct | same answer as full | wins / losses vs full | wins / losses vs every step | "
     "(layer, step) rate | without the first step | steps with a retrieval | without the first step | "
@@ -46,17 +64,20 @@ def same_text(new: list[dict], old: list[dict]) -> str:
 
 
 def main() -> None:
-    new = [r for f in sorted(HERE.glob("periodic_4k_512_*.jsonl")) for r in load(f)]
+    pattern, earlier_file, earlier, step_files, label = RUNS["2k" if "--at2k" in sys.argv else "4k"]
+    new = [r for f in sorted(HERE.glob(pattern)) for r in load(f)]
     probes = {probe(r) for r in new}
-    old = [r for r in load(EARLIER_FILE) if probe(r) in probes]
-    steps = [r for f in STEP_FILES for r in load(f) if probe(r) in probes]
+    old = [r for r in load(earlier_file) if probe(r) in probes]
+    steps = [r for f in step_files for r in load(f) if probe(r) in probes]
     print(
-        f"{len(probes)} probes; texts equal to the 14:26 run's: {same_text(new, old)}; "
-        f"to the step run's: {same_text(new, steps)}"
+        f"{len(probes)} probes; texts equal to the {label}'s: {same_text(new, old)}; "
+        f"to the step / follow run's: {same_text(new, steps)}"
     )
-    rows = new + [r for r in old if r["method"] in EARLIER]
-    for r in rows:  # the earlier run did not record it: 15 decode steps, the first always retrieving
-        r.setdefault("step_retrieval_rate_after_first", (r.get("step_retrieval_rate", 0.0) * 15 - 1) / 14)
+    rows = new + [r for r in old if r["method"] in earlier]
+    for r in (r for r in rows if r["method"] != "full"):  # the earlier run did not record it: 15 decode
+        r.setdefault(
+            "step_retrieval_rate_after_first", (r.get("step_retrieval_rate", 0.0) * 15 - 1) / 14
+        )  # steps, the first retrieving
     s = summarize(rows)
     if "--plot" in sys.argv:
         draw({"accuracy": s}, Path(sys.argv[sys.argv.index("--plot") + 1]))
@@ -66,7 +87,7 @@ def main() -> None:
         v = s[key]
         name = key.split("@")[0]
         cells = [
-            name + (" (2026-12-02 run)" if name in EARLIER else ""),
+            name + (f" ({label})" if name in earlier else ""),
             f"{v['correct']}/{v['probes']}",
             f"{v.get('same_text_as_full', '-')}/{v['probes']}" if name != "full" else "-",
             "-" if name == "full" else f"{v['wins_vs_full']} / {v['losses_vs_full']}",
