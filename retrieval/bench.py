@@ -248,12 +248,18 @@ def long_output(engine: Engine, cfg: BenchConfig, texts: list[str]) -> dict[str,
         ("every_step", LouisKVConfig(budget=cfg.long_budget, tau=EVERY_STEP)),
     ]
     runs += _variants(cfg) if cfg.methods is not None else []
+    first: LouisKV | None = None  # its prompt units serve the other runs (same clustering)
     for name, config in runs:
-        new, ms, stats, r = _louiskv_run(engine, out, n, config)
-        r.release()
+        new, ms, stats, r = _louiskv_run(engine, out, n, config, first)
+        if first is None:
+            first = r
+        else:
+            r.release()
         result[name] = dict(
             match_length=_match(full, new), same_tokens=_same(full, new), ms_per_token=ms, **_counters(stats)
         )
+    if first is not None:
+        first.release()
     return result
 
 
