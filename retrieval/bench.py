@@ -124,8 +124,8 @@ def _louiskv_run(
 def _variants(cfg: BenchConfig, every: bool = False) -> list[tuple[str, LouisKVConfig]]:
     """LouisKV's defaults at every budget; at the middle one also the short-answer taus of either trigger
     (`ANSWER_TAU` adjacent, `ANCHOR_TAU` anchor), the step-level trigger (`STEP_TAU`) and the periodic
-    baseline (every `DEFAULT_PERIOD` steps), each also with `follow`, and retrieval at every step (with
-    and without `follow`). Only `cfg.methods` unless `every`."""
+    baseline (every `DEFAULT_PERIOD` steps), each also with `follow`, the periodic one every 8 steps with
+    `follow`, and retrieval at every step (with and without `follow`). Only `cfg.methods` unless `every`."""
     middle = cfg.budgets[len(cfg.budgets) // 2]
     answer = dict(budget=middle, tau=ANSWER_TAU, trigger="adjacent")
     anchor = dict(budget=middle, tau=ANCHOR_TAU, trigger="anchor")
@@ -141,6 +141,8 @@ def _variants(cfg: BenchConfig, every: bool = False) -> list[tuple[str, LouisKVC
         (f"louiskv-step-follow-{middle}", LouisKVConfig(**step, follow=FOLLOW)),
         (f"louiskv-periodic-{middle}", LouisKVConfig(**periodic)),
         (f"louiskv-periodic-follow-{middle}", LouisKVConfig(**periodic, follow=FOLLOW)),
+        # the step trigger's rate on the probes (0.14 of steps): does its timing beat a schedule?
+        (f"louiskv-periodic8-follow-{middle}", LouisKVConfig(**periodic, period=8, follow=FOLLOW)),
         (f"every-step-{middle}", LouisKVConfig(budget=middle, tau=EVERY_STEP)),
         (f"every-step-follow-{middle}", LouisKVConfig(budget=middle, tau=EVERY_STEP, follow=FOLLOW)),
     ]
@@ -464,6 +466,7 @@ def _method_order(method: str) -> tuple[int, int]:
         "louiskv-step-follow",
         "louiskv-periodic",
         "louiskv-periodic-follow",
+        "louiskv-periodic8-follow",
         "every-step",
         "every-step-follow",
     )

@@ -38,16 +38,20 @@ def test_variants_share_the_middle_budget():
         "louiskv-step-follow-512",
         "louiskv-periodic-512",
         "louiskv-periodic-follow-512",
+        "louiskv-periodic8-follow-512",
         "every-step-512",
         "every-step-follow-512",
     ]
-    assert [c.budget for _, c in variants] == [256, 512, 1024] + [512] * 10
+    assert [c.budget for _, c in variants] == [256, 512, 1024] + [512] * 11
     assert [c.trigger for _, c in variants[3:7]] == ["adjacent", "anchor", "adjacent", "anchor"]
-    assert [c.follow for _, c in variants] == [0, 0, 0, 0, 0, 4, 4, 0, 4, 0, 4, 0, 4]
+    assert [c.follow for _, c in variants] == [0, 0, 0, 0, 0, 4, 4, 0, 4, 0, 4, 4, 0, 4]
     assert [c.scope for _, c in variants].count("step") == 2
     assert variants[7][1].scope == variants[8][1].scope == "step"
-    assert [c.trigger for _, c in variants].count("periodic") == 2
-    assert variants[9][1].trigger == variants[10][1].trigger == "periodic"
+    assert [(c.trigger, c.period) for _, c in variants[9:12]] == [
+        ("periodic", 4),
+        ("periodic", 4),
+        ("periodic", 8),
+    ]
 
 
 def test_methods_pick_variants_and_unknown_names_are_refused():
