@@ -1,6 +1,6 @@
 """Table of the periodic-trigger run (periodic_4k_512_*.jsonl: full, step-follow, periodic, periodic-follow on
-all 30 probes) beside the 2026-12-02 14:26 run's rows of the same probes (accuracy_4k_512.jsonl: every step,
-the default, follow), with a check that the methods both runs decoded gave the same text (the decode is
+all 30 probes; periodic8_4k_512_*.jsonl: full and periodic8-follow) beside the 2026-12-02 14:26 run's rows
+of the same probes (accuracy_4k_512.jsonl: every step, the default, follow), with a check that the methods both runs decoded gave the same text (the decode is
 deterministic, so the earlier run's rows can be paired with this run's). `--at2k`: the 2K run
 (periodic_2k_512_*.jsonl: follow too) beside the 2026-11-22 run (every step, the default) and the 2026-12-02
 2K follow run (follow_2k_512*.jsonl, for the text check).
@@ -22,7 +22,7 @@ DEC02 = HERE.parent / "retrieval-2026-12-02"
 # (text check only), the earlier run's label
 RUNS = {
     "4k": (
-        "periodic_4k_512_*.jsonl",
+        "periodic*_4k_512_*.jsonl",
         DEC02 / "accuracy_4k_512.jsonl",
         (
             "louiskv-512",
@@ -65,7 +65,12 @@ def same_text(new: list[dict], old: list[dict]) -> str:
 
 def main() -> None:
     pattern, earlier_file, earlier, step_files, label = RUNS["2k" if "--at2k" in sys.argv else "4k"]
-    new = [r for f in sorted(HERE.glob(pattern)) for r in load(f)]
+    rows = [r for f in sorted(HERE.glob(pattern)) for r in load(f)]
+    # the periodic8 run decoded the full cache again: keep one row per (probe, method), after checking the texts
+    # (the last file wins: periodic_ sorts after periodic8_, so the full rows are the main run's)
+    kept = {(probe(r), r["method"]): r for r in rows}
+    assert all(kept[(probe(r), r["method"])]["text"] == r["text"] for r in rows), "a rerun gave other text"
+    new = list(kept.values())
     probes = {probe(r) for r in new}
     old = [r for r in load(earlier_file) if probe(r) in probes]
     steps = [r for f in step_files for r in load(f) if probe(r) in probes]
