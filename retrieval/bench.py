@@ -155,7 +155,12 @@ def _probe_seed(depth: float, seed: int) -> int:
     return int(depth * 100) + 1000 * seed  # seed 0: the earlier runs' probes
 
 
-def _load_rows(path: str | None) -> list[dict[str, Any]]:
+def probe_key(row: dict[str, Any]) -> tuple:
+    """The probe an accuracy row belongs to: (task, length, depth, seed)."""
+    return (row["task"], row["length"], row["depth"], row.get("seed", 0))
+
+
+def load_rows(path: str | Path | None) -> list[dict[str, Any]]:
     if path is None or not os.path.exists(path):
         return []
     with open(path) as f:
@@ -166,8 +171,8 @@ def accuracy(engine: Engine, cfg: BenchConfig, texts: list[str]) -> list[dict[st
     """One row per (task, length, seed, depth, method): correct, decode ms/token, retrieval counters.
     Probes run seed by seed (every depth and task of a seed before the next), so a run stopped early
     still covers all depths."""
-    rows = _load_rows(cfg.results)
-    done = {(r["task"], r["length"], r["depth"], r.get("seed", 0)) for r in rows}
+    rows = load_rows(cfg.results)
+    done = {probe_key(r) for r in rows}
     for length in cfg.lengths:
         for seed in cfg.seeds:
             for depth in cfg.depths:
@@ -346,7 +351,7 @@ def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     by_probe: dict[tuple, dict[str, bool]] = {}
     texts: dict[tuple, dict[str, str]] = {}
     for r in rows:
-        probe = (r["task"], r["length"], r["depth"], r.get("seed", 0))
+        probe = probe_key(r)
         by_probe.setdefault(probe, {})[r["method"]] = bool(r["correct"])
         if "text" in r:
             texts.setdefault(probe, {})[r["method"]] = r["text"]
@@ -365,6 +370,62 @@ def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
                 d[f"wins_vs_{label}"] = d.get(f"wins_vs_{label}", 0) + (ok and not methods[ref])
                 d[f"losses_vs_{label}"] = d.get(f"losses_vs_{label}", 0) + (methods[ref] and not ok)
     return out
+
+
+def matching_texts(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> str:
+    """ "k/n": of the n rows of `new` whose (probe, method) `old` also decoded, k gave the same text (the
+    decode is deterministic, so a match says an earlier run's rows can be paired with a new run's)."""
+    said = {(probe_key(r), r["method"]): r["text"] for r in old}
+    same = [
+        said[(probe_key(r), r["method"])] == r["text"] for r in new if (probe_key(r), r["method"]) in said
+    ]
+    return f"{sum(same)}/{len(same)}"
+
+
+def backfill_step_rate_after_first(rows: list[dict[str, Any]], steps: int) -> None:
+    """Rows of runs that did not record `step_retrieval_rate_after_first` get it from their step rate over
+    `steps` decode steps (the first always retrieves)."""
+    for r in rows:
+        if r["method"] != "full":
+            r.setdefault(
+                "step_retrieval_rate_after_first",
+                (r.get("step_retrieval_rate", 0.0) * steps - 1) / (steps - 1),
+            )
+
+
+TABLE_COLUMNS = (
+    "method | correct | same answer as full | wins / losses vs full | wins / losses vs every step | "
+    "(layer, step) rate | without the first step | steps with a retrieval | without the first step | "
+    "MB fetched per probe | decode ms/token"
+)
+
+
+def markdown_table(
+    summary: dict[str, dict[str, float]], marked: tuple[str, ...] = (), label: str = "", digits: int = 2
+) -> list[str]:
+    """`summarize`'s output as README table lines: the full cache first, every-step rows last; methods in
+    `marked` get " (label)" (rows paired in from an earlier run)."""
+    lines = ["| " + TABLE_COLUMNS + " |", "|" + "---|" * len(TABLE_COLUMNS.split("|"))]
+    for key in sorted(summary, key=lambda k: (not k.startswith("full@"), k.startswith("every"), k)):
+        v, name = summary[key], key.split("@")[0]
+        cells = [
+            name + (f" ({label})" if name in marked else ""),
+            f"{v['correct']}/{v['probes']}",
+            "-" if name == "full" else f"{v.get('same_text_as_full', '-')}/{v['probes']}",
+            "-" if name == "full" else f"{v['wins_vs_full']} / {v['losses_vs_full']}",
+            "-"
+            if "every" in key
+            else f"{v.get('wins_vs_every_step', 0)} / {v.get('losses_vs_every_step', 0)}",
+        ]
+        if name == "full":
+            cells += ["-"] * 5
+        else:
+            rates = ("retrieval_rate", "retrieval_rate_after_first", "step_retrieval_rate")
+            cells += [f"{v[k]:.{digits}f}" for k in (*rates, "step_retrieval_rate_after_first")]
+            cells += [f"{v['mb_fetched']:.0f}"]
+        cells += [f"{v['ms_per_token']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _reference_label(method: str) -> str | None:
